@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random-weight models for shape tests, the real SmolLM2 for correctness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(attn: str = "sdpa", layers: int = 3, seed: int = 0) -> LlamaForCausalLM:
+    """A random-weight Llama with GQA (4 query heads, 2 KV heads), float32, eval mode."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct, float32, SDPA, with its tokenizer (converted once, then cached)."""
+    from zigzag.models import load_smollm2
+
+    return load_smollm2(dtype=torch.float32, attn_implementation="sdpa")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

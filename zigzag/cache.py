@@ -1,0 +1,158 @@
+"""A `DynamicCache` whose layers hold different numbers of tokens, with nothing padded back.
+
+Each layer stores exactly the tokens it kept: ``(batch, kv_heads, kept_l, head_dim)`` with ``kept_l``
+the widest row's budget of layer ``l``; rows (or heads) that kept fewer tokens leave empty slots,
+marked ``-1`` in :attr:`CompressedLayer.kept_positions` and never attended. Tokens generated after
+compression are appended as in a plain `DynamicCache`.
+
+Positions continue from the original, uncompressed length: the cache reports that length (plus what
+was appended) as its sequence length, so `model.generate` feeds the next tokens at the right RoPE
+positions, and it reports mask sizes that make transformers build the mask of the appended tokens
+only. :mod:`zigzag.attention` supplies the rest of each layer's mask.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from zigzag.attention import MASK_LOOKBACK, RaggedKeys
+
+
+class CompressedLayer(DynamicLayer):
+    """One layer's compressed keys and values, followed by the tokens appended since.
+
+    Args:
+        keys: ``(batch, kv_heads, kept, head_dim)`` kept keys (post-RoPE); empty slots hold zeros.
+        values: ``(batch, kv_heads, kept, head_dim)`` kept values.
+        kept_positions: ``(batch, kv_heads, kept)`` long: the column of ``input_ids`` each slot came
+            from, ascending along ``kept``; ``-1`` marks an empty slot (they come first).
+        original_length: the uncompressed length (columns of ``input_ids``, padding included).
+    """
+
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        kept_positions: torch.Tensor,
+        original_length: int,
+    ) -> None:
+        super().__init__()
+        if keys.shape != values.shape or keys.shape[:3] != kept_positions.shape:
+            raise ValueError(
+                f"keys {tuple(keys.shape)}, values {tuple(values.shape)} and kept_positions "
+                f"{tuple(kept_positions.shape)} must agree on (batch, kv_heads, kept)"
+            )
+        self.dtype, self.device = keys.dtype, keys.device
+        self.keys, self.values = keys, values
+        self.is_initialized = True
+        self.kept_positions = kept_positions
+        self.original_length = int(original_length)
+        self._set_slots(kept_positions)
+
+    def _set_slots(self, kept_positions: torch.Tensor) -> None:
+        slot_valid = kept_positions >= 0  # (batch, kv_heads, kept)
+        # Decided once here (one sync), never during attention.
+        self.prefix_full = bool(slot_valid.all())
+        if slot_valid.shape[1] > 1 and bool((slot_valid == slot_valid[:, :1]).all()):
+            slot_valid = slot_valid[:, :1]  # all heads share a layout: one row of the mask serves all
+        self.slot_valid = slot_valid
+
+    @property
+    def prefix_length(self) -> int:
+        """Slots of the compressed prefix (the widest row's budget)."""
+        return self.kept_positions.shape[-1]
+
+    @property
+    def appended(self) -> int:
+        """Tokens appended after compression."""
+        return self.keys.shape[-2] - self.prefix_length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``(batch, kv_heads, new, head_dim)`` and return all keys (as RaggedKeys) and values."""
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return RaggedKeys.wrap(self.keys, self.slot_valid, self.prefix_full), self.values
+
+    def get_seq_length(self) -> int:
+        """The logical length: original tokens plus appended ones (what RoPE positions continue from)."""
+        return self.original_length + self.appended
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Ask transformers for the mask of the appended tokens (and MASK_LOOKBACK columns before them)."""
+        return MASK_LOOKBACK + self.appended + query_length, self.original_length - MASK_LOOKBACK
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop appended tokens (``tokens_to_remove < 0`` removes that many from the end)."""
+        if tokens_to_remove > 0:
+            tokens_to_remove = tokens_to_remove - self.get_seq_length()
+        if tokens_to_remove == 0:
+            return
+        if -tokens_to_remove > self.appended:
+            raise ValueError(
+                f"cannot crop {-tokens_to_remove} tokens: only the {self.appended} tokens appended after "
+                "compression can be removed from a compressed layer"
+            )
+        self.keys = self.keys[..., :tokens_to_remove, :]
+        self.values = self.values[..., :tokens_to_remove, :]
+
+    def _select_batch(self, select) -> None:
+        self.keys = select(self.keys)
+        self.values = select(self.values)
+        self.kept_positions = select(self.kept_positions)
+        self._set_slots(self.kept_positions)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_batch(lambda t: t[indices, ...])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def reset(self) -> None:
+        raise NotImplementedError("a compressed cache cannot be reset; compress the context again instead")
+
+    def nbytes(self) -> int:
+        """Bytes held by keys, values and the slot index."""
+        return self.keys.nbytes + self.values.nbytes + self.kept_positions.nbytes + self.slot_valid.nbytes
+
+
+class ZigZagCache(DynamicCache):
+    """The compressed cache :func:`zigzag.compress_cache` returns; pass it to ``model.generate``.
+
+    Attributes:
+        budgets: ``(batch, num_layers)`` long, tokens kept per KV head in each layer and row.
+        lmba: ``(batch, num_layers)`` float, ZigZag's layer uncertainty (LMBA) when it was measured, else None.
+        original_length: columns of the compressed ``input_ids`` (padding included).
+
+    Example:
+        >>> cache = compress_cache(model, ctx, ratio=0.75, scorer="snapkv", budget="zigzag")  # doctest: +SKIP
+        >>> [p.shape for p in cache.kept_positions][:2]  # doctest: +SKIP
+        [torch.Size([1, 3, 611]), torch.Size([1, 3, 140])]
+    """
+
+    def __init__(
+        self,
+        layers: list[CompressedLayer],
+        *,
+        budgets: torch.Tensor,
+        lmba: torch.Tensor | None = None,
+    ) -> None:
+        Cache.__init__(self, layers=layers)
+        self.budgets = budgets
+        self.lmba = lmba
+
+    @property
+    def original_length(self) -> int:
+        return self.layers[0].original_length
+
+    @property
+    def kept_positions(self) -> list[torch.Tensor]:
+        """Per layer ``(batch, kv_heads, kept)`` long: ``input_ids`` columns kept, ascending; -1 = empty slot."""
+        return [layer.kept_positions for layer in self.layers]
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache on its device(s), index included."""
+        return sum(layer.nbytes() for layer in self.layers)

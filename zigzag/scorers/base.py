@@ -1,0 +1,84 @@
+"""The contract every scorer keeps: one layer's cached keys and values in, a score per token out.
+
+A scorer never sees a model. The pipeline (`zigzag.api`) runs the prefill, gathers what the scorer
+declares it needs (`query_window`, `needs_query_stats`) into a :class:`LayerView`, and calls
+:meth:`Scorer.score`. Higher scores mean *keep*. Left-padded positions are excluded by the pipeline
+after scoring, so a scorer may return anything there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+RopeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""Maps positions ``(batch, n)`` (long) to ``(cos, sin)``, each ``(batch, n, head_dim)``, using the
+model's own rotary embedding, so that ``x_rot = x * cos + rotate_half(x) * sin``."""
+
+
+@dataclass
+class LayerView:
+    """What a scorer may read about one attention layer, right after the prefill.
+
+    Attributes:
+        keys: ``(batch, kv_heads, seq, head_dim)`` keys as cached (after RoPE).
+        values: ``(batch, kv_heads, seq, head_dim)`` values as cached.
+        valid: ``(batch, seq)`` bool, False on left padding.
+        positions: ``(batch, seq)`` long, the RoPE position of each token (0 on padding).
+        window_queries: ``(batch, heads, window, head_dim)`` queries of the last ``window`` tokens after
+            RoPE, or None when no scorer asked for them. ``heads`` is a multiple of ``kv_heads``;
+            query head ``h`` reads kv head ``h // (heads // kv_heads)``.
+        query_mean: ``(batch, heads, head_dim)`` mean of the pre-RoPE queries over the valid tokens
+            (skipping ``query_stats_skip`` first ones), or None.
+        query_cov: ``(batch, heads, head_dim, head_dim)`` their covariance, or None.
+        rope: the model's rotary embedding as a function of positions, or None.
+        scaling: the softmax scale of the layer's attention (``head_dim ** -0.5`` for Llama).
+        layer_idx: index of this layer, ``num_layers`` in all.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+    positions: torch.Tensor
+    scaling: float
+    layer_idx: int = 0
+    num_layers: int = 1
+    window_queries: torch.Tensor | None = None
+    query_mean: torch.Tensor | None = None
+    query_cov: torch.Tensor | None = None
+    rope: RopeFn | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def seq(self) -> int:
+        return self.keys.shape[2]
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """A token scorer.
+
+    Attributes read by the pipeline (class or instance attributes):
+        name: registry name, e.g. ``"snapkv"``.
+        query_window: how many last queries (after RoPE) the scorer needs in ``LayerView.window_queries``; 0 for none.
+        needs_query_stats: whether it needs ``query_mean``/``query_cov`` (pre-RoPE) and ``rope``.
+        query_stats_skip: leading valid tokens left out of those statistics (attention sinks).
+    """
+
+    name: str
+    query_window: int
+    needs_query_stats: bool
+    query_stats_skip: int
+
+    def score(self, layer: LayerView) -> torch.Tensor:
+        """Return scores ``(batch, kv_heads, seq)``, float; higher means keep."""
+        ...

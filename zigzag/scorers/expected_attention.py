@@ -1,0 +1,143 @@
+"""Expected Attention: the attention that future queries are expected to pay, from query statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from zigzag.scorers._window import group_mean, raise_protected
+from zigzag.scorers.base import LayerView
+
+_CHUNK = 4096  # keys per step of the quadratic term; bounds memory at heads * _CHUNK * head_dim floats
+
+
+@dataclass
+class ExpectedAttention:
+    """Score each token by the attention that the next ``n_future`` queries are expected to give it.
+
+    Paper: https://arxiv.org/abs/2510.00636 ("Expected Attention", NVIDIA kvpress, 2025).
+
+    Future queries are modelled as Gaussian, ``q ~ N(mu, S)`` per query head, from the mean and
+    covariance of the pre-RoPE queries of the prompt (``layer.query_mean``, ``layer.query_cov``;
+    the pipeline skips the first ``n_sink`` tokens, see ``query_stats_skip``). Their RoPE rotation
+    is averaged over the next ``n_future`` positions of each row (``last + 1 .. last + n_future``,
+    ``last`` the row's largest position): with ``cos``/``sin`` from ``layer.rope`` (HF convention
+    ``x_rot = x * cos + rotate_half(x) * sin``), ``Rbar x = x * mean(cos) + rotate_half(x) * mean(sin)``,
+    a ``(head_dim, head_dim)`` matrix per row. The logit of key ``k`` (cached, post-RoPE) is the log
+    of the Gaussian moment generating function::
+
+        z = (Rbar mu) . k * scaling + k^T (Rbar S Rbar^T) k * scaling**2 / 2
+
+    (with ``scaling = head_dim ** -0.5``: ``(Rbar mu).k / sqrt(d) + k^T Rbar S Rbar^T k / (2 d)``).
+    ``z`` goes through a softmax over the valid tokens of the row (float32), the probabilities are
+    averaged over the query heads of each KV group, and, if ``use_vnorm``, the score is
+    ``(p + epsilon) * ||v||``. The first ``n_sink`` tokens (positions ``< n_sink``) are lifted
+    above every other token (always kept). Memory: ``heads * min(seq, 4096) * head_dim`` floats at once.
+
+    Parameters
+    ----------
+    n_future:
+        Number of future positions the RoPE rotation is averaged over.
+    n_sink:
+        Leading tokens kept unconditionally and left out of the query statistics.
+    epsilon:
+        Added to the probability before weighting by ``||v||`` (only with ``use_vnorm``).
+    use_vnorm:
+        Multiply by the L2 norm of the value (a token's output contribution scales with it).
+    """
+
+    n_future: int = 512
+    n_sink: int = 4
+    epsilon: float = 1e-2
+    use_vnorm: bool = True
+
+    name: ClassVar[str] = "expected_attention"
+    query_window: ClassVar[int] = 0
+    needs_query_stats: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.n_future < 1:
+            raise ValueError(f"n_future must be >= 1 (future positions averaged over); got {self.n_future}")
+        if self.n_sink < 0:
+            raise ValueError(f"n_sink must be >= 0 (number of sink tokens kept); got {self.n_sink}")
+        if not self.epsilon >= 0:
+            raise ValueError(f"epsilon must be >= 0; got {self.epsilon}")
+
+    @property
+    def query_stats_skip(self) -> int:
+        """Leading valid tokens left out of the query statistics: the sinks."""
+        return self.n_sink
+
+    def score(self, layer: LayerView) -> torch.Tensor:
+        """Return Expected Attention scores.
+
+        Args:
+            layer: the layer; reads ``keys``/``values: (batch, kv_heads, seq, head_dim)``,
+                ``valid``/``positions: (batch, seq)``, ``query_mean: (batch, heads, head_dim)``,
+                ``query_cov: (batch, heads, head_dim, head_dim)``, ``rope`` and ``scaling``.
+
+        Returns:
+            ``(batch, kv_heads, seq)`` float32; higher means keep.
+        """
+        if layer.query_mean is None or layer.query_cov is None or layer.rope is None:
+            raise ValueError(
+                "ExpectedAttention needs LayerView.query_mean, query_cov and rope (needs_query_stats=True); "
+                "got None"
+            )
+        keys = layer.keys
+        batch, kv_heads, seq, head_dim = keys.shape
+        device = keys.device
+        heads = layer.query_mean.shape[1]
+        if heads % kv_heads != 0:
+            raise ValueError(f"query heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+        groups = heads // kv_heads
+        valid = layer.valid.to(device=device, dtype=torch.bool)
+
+        rbar = self._mean_rotation(layer, valid)  # (batch, d, d)
+        mu = layer.query_mean.to(device=device, dtype=torch.float32)
+        cov = layer.query_cov.to(device=device, dtype=torch.float32)
+        mean = torch.einsum("bij,bhj->bhi", rbar, mu) * layer.scaling  # (batch, heads, d)
+        quad = rbar[:, None] @ cov @ rbar[:, None].transpose(-1, -2) * (layer.scaling**2 / 2)  # (batch, heads, d, d)
+        mean = mean.view(batch, kv_heads, groups, head_dim)
+        quad = quad.view(batch, kv_heads, groups, head_dim, head_dim)
+
+        logits = torch.empty(batch, kv_heads, groups, seq, device=device, dtype=torch.float32)
+        for start in range(0, seq, _CHUNK):
+            k = keys[:, :, start : start + _CHUNK].to(torch.float32)  # (batch, kv_heads, c, d)
+            linear = torch.einsum("bkgd,bkcd->bkgc", mean, k)
+            kq = torch.einsum("bkcd,bkgde->bkgce", k, quad)  # (batch, kv_heads, groups, c, d)
+            logits[..., start : start + _CHUNK] = linear + (kq * k[:, :, None]).sum(-1)
+        logits = logits.view(batch, heads, seq).masked_fill(~valid[:, None, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        probs = torch.where(valid[:, None, :], probs, torch.zeros((), device=device))  # all-padded rows
+        scores = group_mean(probs, kv_heads)  # (batch, kv_heads, seq)
+        if self.use_vnorm:
+            vnorm = torch.linalg.vector_norm(layer.values, dim=-1, dtype=torch.float32)
+            scores = (scores + self.epsilon) * vnorm
+        sinks = valid & (layer.positions.to(device) < self.n_sink)
+        return raise_protected(scores, sinks, valid)
+
+    def _mean_rotation(self, layer: LayerView, valid: torch.Tensor) -> torch.Tensor:
+        """RoPE rotation averaged over the next ``n_future`` positions of each row: ``(batch, d, d)`` float32."""
+        device = layer.keys.device
+        head_dim = layer.keys.shape[-1]
+        positions = layer.positions.to(device=device, dtype=torch.long)
+        last = positions.masked_fill(~valid, -1).amax(dim=-1)  # (batch,); -1 for an all-padded row
+        future = last[:, None] + torch.arange(1, self.n_future + 1, device=device)  # (batch, n_future)
+        cos, sin = layer.rope(future)
+        if cos.shape[-1] != head_dim:
+            raise ValueError(
+                f"rope must return cos/sin over the full head_dim ({head_dim}); got {cos.shape[-1]} "
+                "(partial rotary embeddings are not supported)"
+            )
+        cos = cos.to(device=device, dtype=torch.float32).mean(dim=1)  # (batch, d)
+        sin = sin.to(device=device, dtype=torch.float32).mean(dim=1)
+        # rotate_half(x) = cat(-x2, x1) = P x with P = [[0, -I], [I, 0]].
+        half = head_dim // 2
+        eye = torch.eye(half, device=device)
+        rotate_half = torch.zeros(head_dim, head_dim, device=device)
+        rotate_half[:half, half:] = -eye
+        rotate_half[half:, :half] = eye
+        return torch.diag_embed(cos) + sin[:, :, None] * rotate_half  # Rbar = diag(cos) + diag(sin) P

@@ -1,0 +1,37 @@
+"""Shared exact references for the budget tests (rational arithmetic, no torch)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Callable, Sequence
+
+import pytest
+
+Number = int | float | Fraction
+
+
+def waterfill(weights: Sequence[Number], total: int, lower: Sequence[int], upper: Sequence[int]) -> list[Fraction]:
+    """Exact continuous target of ``apportion``: ``x_i = min(upper_i, lower_i + lam * w_i)``, sum = total.
+
+    Found by iterated clipping in rational arithmetic; entries whose remaining weights are all 0
+    share the rest evenly.
+    """
+    n = len(weights)
+    w = [Fraction(v) for v in weights]
+    clipped: set[int] = set()
+    while True:
+        free = [i for i in range(n) if i not in clipped]
+        w_sum = sum((w[i] for i in free), Fraction(0))
+        eff = {i: (w[i] if w_sum > 0 else Fraction(1)) for i in free}
+        eff_sum = w_sum if w_sum > 0 else Fraction(len(free))
+        rest = total - sum(lower[i] for i in free) - sum(upper[i] for i in clipped)
+        x = [Fraction(upper[i]) if i in clipped else lower[i] + rest * eff[i] / eff_sum for i in range(n)]
+        over = [i for i in free if x[i] > upper[i]]
+        if not over:
+            return x
+        clipped |= set(over)
+
+
+@pytest.fixture(scope="session")
+def waterfill_ref() -> Callable[..., list[Fraction]]:
+    return waterfill

@@ -1,0 +1,42 @@
+"""zigzag: KV-cache compression for Hugging Face transformers.
+
+>>> from zigzag import compress_cache  # doctest: +SKIP
+>>> cache = compress_cache(model, tok(context, return_tensors="pt"), ratio=0.75)  # doctest: +SKIP
+"""
+
+from zigzag.api import UnsupportedModelError, compress_cache
+from zigzag.budget import BUDGETS, Pyramid, Uniform, ZigZag, get_budget
+from zigzag.cache import CompressedLayer, ZigZagCache
+from zigzag.models import load_smollm2
+from zigzag.scorers import (
+    SCORERS,
+    TOVA,
+    ExpectedAttention,
+    Knorm,
+    RandomScorer,
+    SnapKV,
+    StreamingLLM,
+    get_scorer,
+)
+
+__all__ = [
+    "BUDGETS",
+    "SCORERS",
+    "TOVA",
+    "CompressedLayer",
+    "ExpectedAttention",
+    "Knorm",
+    "Pyramid",
+    "RandomScorer",
+    "SnapKV",
+    "StreamingLLM",
+    "Uniform",
+    "UnsupportedModelError",
+    "ZigZag",
+    "ZigZagCache",
+    "compress_cache",
+    "get_budget",
+    "get_scorer",
+    "load_smollm2",
+]
+__version__ = "0.1.0"

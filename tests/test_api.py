@@ -16,7 +16,7 @@ from transformers import MistralConfig, MistralForCausalLM
 from tests.conftest import tiny_llama
 from tests.reference import keep_masks, masked_reference
 from zigzag import UnsupportedModelError, compress_cache
-from zigzag.api import _as_context, prefill
+from zigzag import prefill_context
 from zigzag.needle import needle_prompt
 from zigzag.scorers import window_attention
 
@@ -58,8 +58,7 @@ def test_compressed_logits_equal_masked_full_cache(smollm2, attn, budget):
         cache = compress_cache(model, ctx, ratio=0.6, scorer="snapkv", budget=budget)
         ours = _continuation_logits(model, ctx, question, cache)
         # Reference: the uncompressed prefill, masked per layer and head, in float64.
-        c = _as_context(ctx, torch.device("cpu"))
-        full, *_ = prefill(model, c, window=0, stats_skip=None)
+        full = prefill_context(model, ctx, window=0, query_stats_skip=None).cache
         with masked_reference(model, keep_masks(cache.kept_positions, ctx.input_ids.shape[1])):
             ref = _continuation_logits(model, ctx, question, full)
     assert (ours - ref).abs().max().item() < 1e-3
@@ -89,6 +88,21 @@ def test_budgets_padding_and_positions(smollm2):
 
 
 @pytest.mark.slow
+def test_one_prefill_serves_many_settings(smollm2):
+    model, tok = smollm2
+    ctx, _, _ = _batch(tok, lengths=(200, 150))
+    pre = prefill_context(model, ctx)
+    before = [layer.keys.clone() for layer in pre.cache.layers]
+    for scorer, budget, ratio in [("snapkv", "zigzag", 0.5), ("expected_attention", "pyramid", 0.75)]:
+        from_prefill = pre.compress(ratio, scorer, budget)
+        direct = compress_cache(model, ctx, ratio, scorer, budget)
+        assert all(torch.equal(a, b) for a, b in zip(from_prefill.kept_positions, direct.kept_positions))
+    assert all(torch.equal(a, layer.keys) for a, layer in zip(before, pre.cache.layers))
+    with pytest.raises(ValueError, match="window=64"):
+        prefill_context(model, ctx, window=8).compress(0.5, "snapkv", "uniform")
+
+
+@pytest.mark.slow
 def test_ratio_zero_generates_like_no_compression(smollm2):
     model, tok = smollm2
     ctx, question, _ = _batch(tok, lengths=(260, 200))
@@ -105,14 +119,14 @@ def test_captured_window_queries_are_the_models_queries(smollm2):
     """The pipeline's post-RoPE window queries reproduce the model's own (eager) attention rows."""
     model, tok = smollm2
     ctx, _, _ = _batch(tok, lengths=(150, 120))
-    c = _as_context(ctx, torch.device("cpu"))
     window = 16
     with attention(model, "eager"):
-        full, rotated, _, _ = prefill(model, c, window=window, stats_skip=None)
+        pre = prefill_context(model, ctx, window=window, query_stats_skip=None)
+        c = pre.context
         with torch.no_grad():
             out = model(**ctx, position_ids=c.positions, output_attentions=True)
     for layer in (0, 13, 29):
-        ours = window_attention(rotated[layer], full.layers[layer].keys, c.valid, model.model.layers[layer].self_attn.scaling)
+        ours = window_attention(pre.window_queries[layer], pre.cache.layers[layer].keys, c.valid, pre.scalings[layer])
         theirs = out.attentions[layer][:, :, -window:, :].float()
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 

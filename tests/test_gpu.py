@@ -29,9 +29,9 @@ def test_cuda_compressed_matches_masked_reference(attn, dtype):
     full_mask = torch.cat([mask, torch.ones_like(question)], dim=-1)
     positions = (full_mask.cumsum(-1) - 1)[:, -q:]
 
-    from zigzag.api import _as_context, prefill
+    from zigzag import prefill_context
 
-    full, *_ = prefill(model, _as_context(ctx, torch.device("cuda")), window=0, stats_skip=None)
+    full = prefill_context(model, ctx, window=0, query_stats_skip=None).cache
     with torch.no_grad():
         ours = model(input_ids=question, attention_mask=full_mask, position_ids=positions, past_key_values=cache).logits
         with masked_reference(model, keep_masks(cache.kept_positions, seq)):

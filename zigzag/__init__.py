@@ -4,7 +4,7 @@
 >>> cache = compress_cache(model, tok(context, return_tensors="pt"), ratio=0.75)  # doctest: +SKIP
 """
 
-from zigzag.api import UnsupportedModelError, compress_cache
+from zigzag.api import Prefill, UnsupportedModelError, compress_cache, prefill_context
 from zigzag.budget import BUDGETS, Pyramid, Uniform, ZigZag, get_budget
 from zigzag.cache import CompressedLayer, ZigZagCache
 from zigzag.models import load_smollm2
@@ -31,10 +31,12 @@ __all__ = [
     "SnapKV",
     "StreamingLLM",
     "Uniform",
+    "Prefill",
     "UnsupportedModelError",
     "ZigZag",
     "ZigZagCache",
     "compress_cache",
+    "prefill_context",
     "get_budget",
     "get_scorer",
     "load_smollm2",

@@ -200,25 +200,148 @@ def _hooks(modules_and_hooks) -> Iterator[None]:
             handle.remove()
 
 
-def prefill(model: nn.Module, ctx: _Context, window: int, stats_skip: int | None):
-    """Run the model over the context once, collecting what scorers and allocators need.
+@dataclass
+class Prefill:
+    """One uncompressed prefill and everything scorers and allocators read from it.
+
+    Compress it as often as you like (:meth:`compress` never modifies it): a sweep over scorers,
+    budgets and ratios then costs one forward pass per context instead of one per setting.
+
+    Attributes:
+        cache: the full ``DynamicCache``; layer ``l`` holds ``(batch, kv_heads, seq, head_dim)``.
+        context: the validated input (ids, validity, positions, lengths).
+        window_queries: per layer, the last ``window`` queries after RoPE, ``(batch, heads, window,
+            head_dim)`` float32; empty when ``window == 0``.
+        query_mean / query_cov: per layer, pre-RoPE query statistics ``(batch, heads, head_dim)`` and
+            ``(batch, heads, head_dim, head_dim)``, skipping ``query_stats_skip`` first real tokens;
+            empty when ``query_stats_skip`` is None.
+        rope: the model's rotary embedding as a function of positions.
+        scalings: per layer, the attention softmax scale.
+    """
+
+    cache: DynamicCache
+    context: _Context
+    window_queries: dict[int, torch.Tensor]
+    query_mean: dict[int, torch.Tensor]
+    query_cov: dict[int, torch.Tensor]
+    rope: object
+    scalings: list[float]
+    window: int
+    query_stats_skip: int | None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.scalings)
+
+    def _queries(self, layer: int, count: int) -> torch.Tensor | None:
+        if count == 0:
+            return None
+        q = self.window_queries[layer]
+        return q[:, :, q.shape[2] - count :]
+
+    def _check_needs(self, scorer: Scorer, allocator: BudgetAllocator) -> None:
+        seq = self.context.input_ids.shape[1]
+        wanted = max(scorer.query_window, allocator.window if allocator.needs_lmba else 0)
+        if min(wanted, seq) > self.window:
+            raise ValueError(
+                f"{scorer.name} / {allocator.name} need the last {wanted} queries but this prefill kept "
+                f"{self.window}; call prefill_context(..., window={wanted})"
+            )
+        if scorer.needs_query_stats and scorer.query_stats_skip != self.query_stats_skip:
+            raise ValueError(
+                f"{scorer.name} needs query statistics skipping {scorer.query_stats_skip} sink tokens but this "
+                f"prefill has {self.query_stats_skip}; call prefill_context(..., query_stats_skip={scorer.query_stats_skip})"
+            )
+
+    def scores(self, scorer: Scorer, layer: int) -> torch.Tensor:
+        """``(batch, kv_heads, seq)`` float scores of one layer, ``-inf`` on padding."""
+        full = self.cache.layers[layer]
+        ctx = self.context
+        view = LayerView(
+            keys=full.keys,
+            values=full.values,
+            valid=ctx.valid,
+            positions=ctx.positions,
+            scaling=self.scalings[layer],
+            layer_idx=layer,
+            num_layers=self.num_layers,
+            window_queries=self._queries(layer, min(scorer.query_window, self.window)),
+            query_mean=self.query_mean.get(layer),
+            query_cov=self.query_cov.get(layer),
+            rope=self.rope if scorer.needs_query_stats else None,
+        )
+        return scorer.score(view).float().masked_fill(~ctx.valid[:, None, :], float("-inf"))
+
+    def window_mass(self, layer: int, window: int) -> torch.Tensor:
+        """``(batch, heads, seq)``: real softmax attention of the last ``window`` queries, averaged over them."""
+        q = self._queries(layer, min(window, self.window))
+        return window_attention(q, self.cache.layers[layer].keys, self.context.valid, self.scalings[layer]).mean(dim=2)
+
+    def budgets(self, ratio: float, allocator: BudgetAllocator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(batch, num_layers)`` long budgets and the ``(batch, num_layers)`` LMBA (or None)."""
+        lengths = self.context.lengths
+        avg_budget = ((1.0 - ratio) * lengths.double()).floor().long()
+        lmba = None
+        if allocator.needs_lmba:
+            lmba = torch.stack(
+                [allocator.measure(self.window_mass(i, allocator.window), self.context.valid) for i in range(self.num_layers)],
+                dim=1,
+            ).cpu()
+        return allocator.allocate(avg_budget.cpu(), lengths.cpu(), self.num_layers, lmba), lmba
+
+    @torch.no_grad()
+    def compress(
+        self,
+        ratio: float,
+        scorer: str | Scorer = "snapkv",
+        budget: str | BudgetAllocator = "zigzag",
+        *,
+        progress: bool = False,
+    ) -> ZigZagCache:
+        """A compressed copy of this prefill; see :func:`compress_cache` for the arguments."""
+        ratio = _check_ratio(ratio)
+        scorer = get_scorer(scorer)
+        allocator = get_budget(budget)
+        self._check_needs(scorer, allocator)
+        budgets, lmba = self.budgets(ratio, allocator)
+        device = self.context.input_ids.device
+        seq = self.context.input_ids.shape[1]
+        layers = []
+        for i in tqdm(range(self.num_layers), desc="compressing layers", disable=not progress):
+            kept = select_tokens(self.scores(scorer, i), budgets[:, i].to(device))
+            full = self.cache.layers[i]
+            layers.append(
+                CompressedLayer(gather_slots(full.keys, kept), gather_slots(full.values, kept), kept, original_length=seq)
+            )
+        return ZigZagCache(layers, budgets=budgets, lmba=lmba)
+
+
+@torch.no_grad()
+def prefill_context(model: nn.Module, inputs, *, window: int = 64, query_stats_skip: int | None = 4) -> Prefill:
+    """Run the model once over the context and keep what any scorer and allocator will need.
 
     Args:
-        ctx: the validated context (``_as_context``).
-        window: number of last queries to keep, after RoPE (0 for none).
-        stats_skip: leading real tokens left out of the pre-RoPE query statistics; None for no statistics.
+        model: as for :func:`compress_cache`; left exactly as it was.
+        inputs: as for :func:`compress_cache`.
+        window: last queries kept after RoPE (SnapKV, TOVA and ZigZag's LMBA read them); 0 for none.
+        query_stats_skip: sink tokens left out of the pre-RoPE query statistics (ExpectedAttention);
+            None to skip the statistics.
 
     Returns:
-        ``(cache, window_queries, capture, rope)``: the full ``DynamicCache``; per layer the last
-        ``window`` queries after RoPE ``(batch, heads, window, head_dim)`` float32 (None if
-        ``window == 0``); the :class:`_QueryCapture` with the statistics; the model's RoPE function.
+        A :class:`Prefill`; ``prefill.compress(ratio, scorer, budget)`` gives a :class:`ZigZagCache`.
     """
+    _check_model(model)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be a non-negative int; got {window!r}")
+    device = next(model.parameters()).device
+    ctx = _as_context(inputs, device)
     config = model.config
     decoder = _decoder(model)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     seq = ctx.input_ids.shape[1]
-    capture = _QueryCapture(window=window, stats_skip=stats_skip, heads=heads, head_dim=head_dim, valid=ctx.valid)
+    window = min(window, seq)
+    capture = _QueryCapture(window=window, stats_skip=query_stats_skip, heads=heads, head_dim=head_dim, valid=ctx.valid)
     attentions = [layer.self_attn for layer in decoder.layers]
     cache = DynamicCache(config=config)
     with _hooks((_query_projection(a), capture.hook(i)) for i, a in enumerate(attentions)):
@@ -231,12 +354,22 @@ def prefill(model: nn.Module, ctx: _Context, window: int, stats_skip: int | None
             logits_to_keep=1,
         )
     rope = _rope_fn(model, cache.layers[0].keys)
-    rotated = None
+    rotated: dict[int, torch.Tensor] = {}
     if window:
         cos, sin = rope(ctx.positions[:, seq - window :])  # (batch, window, head_dim)
         cos, sin = cos[:, None], sin[:, None]
         rotated = {i: q * cos + _rotate_half(q) * sin for i, q in capture.window_queries.items()}
-    return cache, rotated, capture, rope
+    return Prefill(
+        cache=cache,
+        context=ctx,
+        window_queries=rotated,
+        query_mean=capture.mean,
+        query_cov=capture.cov,
+        rope=rope,
+        scalings=[a.scaling for a in attentions],
+        window=window,
+        query_stats_skip=query_stats_skip,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -301,56 +434,7 @@ def compress_cache(
     ratio = _check_ratio(ratio)
     scorer = get_scorer(scorer)
     allocator = get_budget(budget)
-    _check_model(model)
-    device = next(model.parameters()).device
-    ctx = _as_context(inputs, device)
-    decoder = _decoder(model)
-    num_layers = len(decoder.layers)
-    seq = ctx.input_ids.shape[1]
-
-    lmba_window = allocator.window if allocator.needs_lmba else 0
-    window = min(seq, max(scorer.query_window, lmba_window))
+    window = max(scorer.query_window, allocator.window if allocator.needs_lmba else 0)
     stats_skip = scorer.query_stats_skip if scorer.needs_query_stats else None
-    full, rotated, capture, rope = prefill(model, ctx, window, stats_skip)
-    attentions = [layer.self_attn for layer in decoder.layers]
-
-    scores, lmba = [], []
-    for i in tqdm(range(num_layers), desc="scoring layers", disable=not progress):
-        layer = full.layers[i]
-        view = LayerView(
-            keys=layer.keys,
-            values=layer.values,
-            valid=ctx.valid,
-            positions=ctx.positions,
-            scaling=attentions[i].scaling,
-            layer_idx=i,
-            num_layers=num_layers,
-            window_queries=rotated[i][:, :, window - min(window, scorer.query_window) :] if scorer.query_window else None,
-            query_mean=capture.mean.get(i),
-            query_cov=capture.cov.get(i),
-            rope=rope if scorer.needs_query_stats else None,
-        )
-        layer_scores = scorer.score(view).float()
-        scores.append(layer_scores.masked_fill(~ctx.valid[:, None, :], float("-inf")))
-        if allocator.needs_lmba:
-            q = rotated[i][:, :, window - min(window, lmba_window) :]
-            mass = window_attention(q, layer.keys, ctx.valid, attentions[i].scaling).mean(dim=2)  # (batch, heads, seq)
-            lmba.append(allocator.measure(mass, ctx.valid))
-
-    avg_budget = ((1.0 - ratio) * ctx.lengths.double()).floor().long()
-    lmba_table = torch.stack(lmba, dim=1) if lmba else None  # (batch, num_layers)
-    budgets = allocator.allocate(avg_budget.cpu(), ctx.lengths.cpu(), num_layers, None if lmba_table is None else lmba_table.cpu())
-
-    layers = []
-    for i in range(num_layers):
-        kept = select_tokens(scores[i], budgets[:, i].to(device))
-        layers.append(
-            CompressedLayer(
-                gather_slots(full.layers[i].keys, kept),
-                gather_slots(full.layers[i].values, kept),
-                kept,
-                original_length=seq,
-            )
-        )
-        full.layers[i].keys = full.layers[i].values = None  # free as we go
-    return ZigZagCache(layers, budgets=budgets, lmba=lmba_table)
+    prefill = prefill_context(model, inputs, window=window, query_stats_skip=stats_skip)
+    return prefill.compress(ratio, scorer, allocator, progress=progress)

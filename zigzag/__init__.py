@@ -15,6 +15,7 @@ from zigzag.scorers import (
     Knorm,
     RandomScorer,
     SnapKV,
+    SpanPooled,
     StreamingLLM,
     get_scorer,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "Pyramid",
     "RandomScorer",
     "SnapKV",
+    "SpanPooled",
     "StreamingLLM",
     "Uniform",
     "Prefill",

@@ -12,6 +12,7 @@ from zigzag.scorers._window import group_mean, window_attention
 from zigzag.scorers.base import LayerView, Scorer
 from zigzag.scorers.expected_attention import ExpectedAttention
 from zigzag.scorers.knorm import Knorm
+from zigzag.scorers.pooled import SpanPooled
 from zigzag.scorers.random import RandomScorer
 from zigzag.scorers.snapkv import SnapKV
 from zigzag.scorers.streaming_llm import StreamingLLM
@@ -68,6 +69,7 @@ __all__ = [
     "RandomScorer",
     "Scorer",
     "SnapKV",
+    "SpanPooled",
     "StreamingLLM",
     "TOVA",
     "get_scorer",

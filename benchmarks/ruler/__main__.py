@@ -1,0 +1,3 @@
+from benchmarks.ruler.run import main
+
+main()

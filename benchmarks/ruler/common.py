@@ -7,14 +7,22 @@ description; no RULER code is used.
 
 from __future__ import annotations
 
-import random
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["Sample", "count_tokens", "depths", "fit_length", "prompt_tokens", "sample_rng", "unit_tokens"]
+__all__ = [
+    "Sample",
+    "count_tokens",
+    "depths",
+    "fit_length",
+    "prompt_tokens",
+    "sample_seed",
+    "unit_tokens",
+    "user_message",
+]
 
 # A sample's prompt must land within this fraction of the requested length; fit_length aims tighter.
 TOLERANCE = 0.03
@@ -24,8 +32,8 @@ TOLERANCE = 0.03
 class Sample:
     """One RULER-style test case.
 
-    The plain prompt is ``context + question`` (one user turn) followed by ``answer_prefix`` (the start
-    of the model's answer). ``question`` opens with its own separator from the context.
+    The user turn is ``user_message(sample)``: ``context``, a blank line, ``question``; the model's
+    answer then starts with ``answer_prefix`` (after the chat template's assistant header).
 
     Attributes:
         task: task name, e.g. ``"niah_single_1"``.
@@ -51,13 +59,18 @@ def count_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def user_message(sample: Sample) -> str:
+    """The user turn of ``sample``: its context, a blank line, its question."""
+    return f"{sample.context}\n\n{sample.question}"
+
+
 def prompt_tokens(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> int:
-    """Tokens of the plain prompt: ``context + question`` plus ``answer_prefix``, no chat template.
+    """Tokens of the plain prompt: ``user_message(sample)`` plus ``answer_prefix``, no chat template.
 
     The two parts are counted separately because a chat template puts the assistant header between
     them; the sum is what ``context_tokens`` targets.
     """
-    return count_tokens(tokenizer, sample.context + sample.question) + count_tokens(tokenizer, sample.answer_prefix)
+    return count_tokens(tokenizer, user_message(sample)) + count_tokens(tokenizer, sample.answer_prefix)
 
 
 # Token counts of fixed text collections (essay sentences, QA paragraphs, ...), per tokenizer. Keyed
@@ -74,9 +87,10 @@ def unit_tokens(tokenizer: PreTrainedTokenizerBase, name: str, units: Sequence[s
     return per_tokenizer[name]
 
 
-def sample_rng(task: str, seed: int, context_tokens: int, index: int) -> random.Random:
-    """The random source of one sample. String seeds hash with SHA-512, so runs and hosts agree."""
-    return random.Random(f"ruler/{task}/{seed}/{context_tokens}/{index}")
+def sample_seed(task: str, seed: int, context_tokens: int, index: int) -> str:
+    """The seed of one sample's ``random.Random``: a string, which Python hashes with SHA-512, so the
+    draws do not depend on ``PYTHONHASHSEED``, the run or the host."""
+    return f"ruler/{task}/{seed}/{context_tokens}/{index}"
 
 
 def depths(num_samples: int) -> list[float]:
@@ -92,13 +106,15 @@ def fit_length(
     """Call ``build(size)`` with the integer ``size`` that brings the prompt closest to ``target`` tokens.
 
     The prompt length grows about linearly with ``size`` (a token budget for the haystack, or a number
-    of list items), so a secant search converges in two or three tokenizations of the full prompt.
+    of list items), so a secant step usually lands within a few tokens after two or three
+    tokenizations of the full prompt; where it stalls (the length moves in steps), bisection between
+    the closest sizes below and above the target takes over.
 
     Args:
         build: deterministic for a given ``size``; larger sizes give longer prompts.
         tokenizer: counts the prompt (see ``prompt_tokens``).
         target: the wanted prompt length in tokens.
-        start: a small size that ``build`` accepts (the search starts there).
+        start: the smallest size that ``build`` accepts (the search starts there).
         slope: a guess of the tokens added per unit of ``size``.
 
     Raises:
@@ -113,19 +129,30 @@ def fit_length(
 
     measure(start)
     if lengths[start] > target * (1 + TOLERANCE):
-        raise ValueError(f"context_tokens={target} is too short for this task: its fixed parts take {lengths[start]} tokens")
-    for _ in range(8):
-        ranked = sorted(lengths, key=lambda s: abs(lengths[s] - target))
-        best = ranked[0]
+        raise ValueError(
+            f"context_tokens={target} is too short for this task: its fixed parts take {lengths[start]} tokens"
+        )
+    for _ in range(40):
+        best = min(lengths, key=lambda s: abs(lengths[s] - target))
         if abs(lengths[best] - target) <= max(2, 0.002 * target):
             break
-        if len(ranked) > 1 and lengths[ranked[0]] != lengths[ranked[1]] and ranked[0] != ranked[1]:
-            # Secant: the slope between the two points nearest the target (kept positive).
-            slope = max(1e-3, (lengths[ranked[0]] - lengths[ranked[1]]) / (ranked[0] - ranked[1]))
-        size = max(start, best + round((target - lengths[best]) / slope))
-        if size in lengths:  # the search cycles: step once past the closest point instead
-            size = best + (1 if lengths[best] < target else -1)
-            if size in lengths or size < start:
+        below = max((s for s in lengths if lengths[s] < target), default=None)
+        above = min((s for s in lengths if lengths[s] > target), default=None)
+        if below is not None and above is not None:
+            if above - below <= 1:
+                break
+            # Secant through the bracketing points; bisect when it would not move strictly inside.
+            span = lengths[above] - lengths[below]
+            size = below + round((target - lengths[below]) * (above - below) / span) if span else below
+            if not below < size < above or size in lengths:
+                size = (below + above) // 2
+        else:  # every size tried so far falls on one side: extrapolate with the slope seen so far
+            if len(lengths) > 1 and lengths[max(lengths)] > lengths[min(lengths)]:
+                slope = (lengths[max(lengths)] - lengths[min(lengths)]) / (max(lengths) - min(lengths))
+            size = max(start, best + round((target - lengths[best]) / slope))
+            if size in lengths:
+                size = best + (1 if lengths[best] < target else -1)
+            if size < start or size in lengths:
                 break
         measure(size)
     best = min(lengths, key=lambda s: abs(lengths[s] - target))

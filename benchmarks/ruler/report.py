@@ -28,7 +28,8 @@ def load_records(out_dir: Path) -> list[dict]:
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """One row per (protocol, setting, task) with the mean score, plus 'avg' and 'core5' rows."""
+    """One row per (protocol, setting, task) with the mean score, plus 'avg' (over the tasks run) and
+    'core5' (only for settings that ran all five CORE_TASKS) rows."""
     groups: dict[tuple, list[float]] = defaultdict(list)
     meta: dict[str, dict] = {}
     for r in records:
@@ -43,7 +44,7 @@ def summarize(records: list[dict]) -> list[dict]:
     for (protocol, setting), by_task in sorted(per_setting.items()):
         rows.append({"protocol": protocol, **meta[setting], "task": "avg", "score": round(sum(by_task.values()) / len(by_task), 2), "n": len(by_task)})
         core = [by_task[t] for t in CORE_TASKS if t in by_task]
-        if core:
+        if len(core) == len(CORE_TASKS):  # an average over fewer tasks would not be comparable
             rows.append({"protocol": protocol, **meta[setting], "task": "core5", "score": round(sum(core) / len(core), 2), "n": len(core)})
     return rows
 

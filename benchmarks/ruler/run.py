@@ -32,7 +32,11 @@ log = logging.getLogger("benchmarks.ruler")
 
 PROTOCOLS = ("agnostic", "aware")
 DEV_SEED_LIMIT = 1000  # seeds below this are for development; reported runs use seeds >= 1000
-MAX_NEW_TOKENS = {"niah": 32, "vt": 30, "cwe": 64, "fwe": 32, "qa": 32}
+# Longest answers: UUIDs are ~25 tokens each, multi-value/query answers hold four 7-digit numbers.
+MAX_NEW_TOKENS = {
+    "niah_single_3": 64, "niah_multikey_3": 64, "niah_multivalue": 48, "niah_multiquery": 48,
+    "niah": 32, "vt": 30, "cwe": 64, "fwe": 32, "qa": 32,
+}
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     from zigzag.models import load_smollm2
 
     args = parse_args(argv)
-    state = PartialState()
+    # Without CUDA, accelerate only forms a process group (gloo) when told it runs on the CPU.
+    state = PartialState(cpu=not torch.cuda.is_available())
     logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING)
     if args.seed < DEV_SEED_LIMIT:
         log.warning("seed %d is a development seed: do not report these numbers", args.seed)
@@ -226,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
                         "references": list(sample.references),
                     }
                     samples_file.write(json.dumps(record) + "\n")
+                    samples_file.flush()  # a run killed at its time limit loses at most one record
                     bar.update(1)
                     if budgets is not None and sample is batch[0]:
                         budgets_file.write(json.dumps({"task": task, "protocol": protocol, "setting": setting.key, "budgets": budgets}) + "\n")

@@ -1,0 +1,183 @@
+"""Fused similarity search for CUDA: cosine, max and argmax in one Triton kernel, no similarity matrix.
+
+Imported lazily by :class:`~zigzag.merge.cosine.CosineMerge` (CUDA tensors and ``triton`` present).
+Only the ``seq x n`` search runs here; the quota, threshold and accumulation reuse
+:mod:`zigzag.merge.chunked`, so both paths apply the same rule.
+
+Each program takes ``BLOCK_M`` positions of one (row, head), walks the survivors in tiles of
+``BLOCK_N``, and keeps a running maximum of ``(k_e . k_s) / |k_s|`` and its slot; at the end it
+divides by ``|k_e|``. The dot products run on tensor cores in the input dtype (bf16/fp16) with float32
+accumulation (exact products, float32 sums), or in IEEE float32 for float32 inputs, so results agree
+with the float32 PyTorch path up to rounding. Ties go to the lowest slot, as everywhere.
+
+The launcher is a ``torch.library.custom_op`` (``zigzag::cosine_best_match``) with a fake (shape-only)
+implementation, so ``torch.compile`` can trace through it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from zigzag.merge.base import MergeResult
+from zigzag.merge.chunked import Survivors, best_match_torch, merge_with
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _best_match_kernel(
+    keys_ptr,  # (batch, kv_heads, seq, head_dim), input dtype
+    skeys_ptr,  # (batch, kv_heads, n, head_dim), input dtype: the survivors' keys
+    inv_ptr,  # (batch, kv_heads, n) float32: 1 / |k_s| on targets, 0 elsewhere
+    best_ptr,  # (batch, kv_heads, seq) float32 out, contiguous
+    slot_ptr,  # (batch, kv_heads, seq) int64 out, contiguous
+    kv_heads,
+    seq,
+    n,
+    head_dim,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    stride_sb,
+    stride_sh,
+    stride_sn,
+    stride_sd,
+    stride_ib,
+    stride_ih,
+    stride_in,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // kv_heads
+    h = pid_bh % kv_heads
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < seq
+    d_ok = offs_d < head_dim
+    k_ptrs = keys_ptr + b * stride_kb + h * stride_kh + offs_m[:, None] * stride_ks + offs_d[None, :] * stride_kd
+    ke = tl.load(k_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+
+    best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    arg = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    s_base = skeys_ptr + b * stride_sb + h * stride_sh
+    i_base = inv_ptr + b * stride_ib + h * stride_ih
+    for start in range(0, n, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n
+        ks = tl.load(
+            s_base + offs_n[None, :] * stride_sn + offs_d[:, None] * stride_sd,
+            mask=d_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )  # (BLOCK_D, BLOCK_N)
+        if IEEE:
+            dots = tl.dot(ke, ks, input_precision="ieee")
+        else:
+            dots = tl.dot(ke, ks)  # bf16/fp16 on tensor cores, float32 accumulation
+        inv = tl.load(i_base + offs_n * stride_in, mask=n_ok, other=0.0)
+        sim = tl.where(n_ok[None, :], dots * inv[None, :], float("-inf"))  # (BLOCK_M, BLOCK_N)
+        tile_max, tile_idx = tl.max(sim, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        tile_arg = start + tile_idx  # first maximum within the tile
+        better = tile_max > best  # strict: an earlier tile (lower slot) keeps ties
+        best = tl.where(better, tile_max, best)
+        arg = tl.where(better, tile_arg, arg)
+
+    kf = ke.to(tl.float32)
+    norm = tl.sqrt(tl.sum(kf * kf, axis=1))
+    best = tl.where(norm > 0, best / norm, 0.0)
+    out = pid_bh * seq + offs_m
+    tl.store(best_ptr + out, best, mask=m_ok)
+    tl.store(slot_ptr + out, arg.to(tl.int64), mask=m_ok)
+
+
+def _config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for a head size (tiles fit shared memory)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if dtype == torch.float32:
+        return (64, 32, block_d, 4, 2) if block_d <= 128 else (32, 32, block_d, 4, 2)
+    if block_d <= 128:
+        return 128, 64, block_d, 8, 3
+    return 64, 32, block_d, 4, 2
+
+
+@torch.library.custom_op("zigzag::cosine_best_match", mutates_args=())
+def cosine_best_match(
+    keys: torch.Tensor, survivor_keys: torch.Tensor, inv_norm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest cosine of every position's key to the survivors' keys, and the slot (first on ties).
+
+    Args:
+        keys: ``(batch, kv_heads, seq, head_dim)`` float16, bfloat16 or float32.
+        survivor_keys: ``(batch, kv_heads, n, head_dim)``, same dtype (rows of non-targets arbitrary).
+        inv_norm: ``(batch, kv_heads, n)`` float32: ``1 / |k_s|`` on targets, ``0`` elsewhere
+            (non-targets then score a cosine of 0).
+
+    Returns:
+        ``best (batch, kv_heads, seq)`` float32 and ``slot (batch, kv_heads, seq)`` int64.
+    """
+    batch, kv_heads, seq, head_dim = keys.shape
+    n = survivor_keys.shape[2]
+    best = torch.empty(batch, kv_heads, seq, dtype=torch.float32, device=keys.device)
+    slot = torch.empty(batch, kv_heads, seq, dtype=torch.int64, device=keys.device)
+    if batch * kv_heads * seq == 0 or n == 0:
+        return best.fill_(0.0), slot.fill_(0)
+    block_m, block_n, block_d, warps, stages = _config(head_dim, keys.dtype)
+    grid = (triton.cdiv(seq, block_m), batch * kv_heads)
+    _best_match_kernel[grid](
+        keys,
+        survivor_keys,
+        inv_norm,
+        best,
+        slot,
+        kv_heads,
+        seq,
+        n,
+        head_dim,
+        *keys.stride(),
+        *survivor_keys.stride(),
+        *inv_norm.stride(),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        IEEE=keys.dtype == torch.float32,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return best, slot
+
+
+@cosine_best_match.register_fake
+def _(keys, survivor_keys, inv_norm):
+    batch, kv_heads, seq, _ = keys.shape
+    return (
+        keys.new_empty(batch, kv_heads, seq, dtype=torch.float32),
+        keys.new_empty(batch, kv_heads, seq, dtype=torch.int64),
+    )
+
+
+def best_match_triton(keys: torch.Tensor, surv: Survivors, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for :func:`zigzag.merge.chunked.best_match_torch` (``chunk_size`` is unused: nothing
+    of size ``seq x n`` is ever stored). float64 inputs go to the PyTorch path."""
+    if keys.dtype not in KERNEL_DTYPES:
+        return best_match_torch(keys, surv, chunk_size)
+    return cosine_best_match(keys, surv.keys, surv.inv_norm.float().contiguous())
+
+
+def merge_triton(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    kept: torch.Tensor,
+    valid: torch.Tensor,
+    threshold: float = 0.0,
+    fraction: float = 1.0,
+    chunk_size: int | None = None,
+) -> MergeResult:
+    """:func:`zigzag.merge.chunked.merge_chunked` with the fused search (same arguments and result)."""
+    return merge_with(best_match_triton, keys, values, kept, valid, threshold, fraction, chunk_size)

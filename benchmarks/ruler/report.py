@@ -102,7 +102,9 @@ def plot_budgets(out_dir: Path, path: Path) -> bool:
                 profiles[(r["protocol"], scorer, budget, ratio)].append(r["budgets"])
     if not profiles:
         return False
-    protocol, scorer, _, ratio = sorted(profiles)[0]
+    # Prefer ratio 0.75: at small ratios the cap (a layer cannot keep more than T) flattens the profile.
+    keys = sorted(profiles, key=lambda k: (k[3] != "0.75", k))
+    protocol, scorer, _, ratio = keys[0]
     fig, ax = plt.subplots(figsize=(7, 4))
     for (pr, sc, budget, ra), runs in sorted(profiles.items()):
         if (pr, sc, ra) != (protocol, scorer, ratio):

@@ -16,6 +16,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 _NAME = "zigzag_test_masked_reference"
 _KEEP: dict[int, torch.Tensor] = {}
+_BIAS: dict[int, torch.Tensor] = {}
 
 
 def _masked_reference_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -28,6 +29,8 @@ def _masked_reference_attention(module, query, key, value, attention_mask, scali
         scores = scores + attention_mask.double()
     evicted = ~keep.repeat_interleave(groups, dim=1)[:, :, None, :]  # (batch, heads, 1, prefix)
     prefix = keep.shape[-1]
+    if module.layer_idx in _BIAS:  # (batch, kv_heads, prefix) added to the prefix logits
+        scores[..., :prefix] += _BIAS[module.layer_idx].double().repeat_interleave(groups, dim=1)[:, :, None, :]
     scores[..., :prefix] = scores[..., :prefix].masked_fill(evicted, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = (probs @ v).to(query.dtype).transpose(1, 2).contiguous()
@@ -45,16 +48,22 @@ def keep_masks(kept_positions: list[torch.Tensor], prefix: int) -> list[torch.Te
 
 
 @contextlib.contextmanager
-def masked_reference(model, keep: list[torch.Tensor]) -> Iterator[None]:
-    """Within the block, ``model`` attends through the float64 masked reference, then is restored."""
+def masked_reference(model, keep: list[torch.Tensor], bias: list[torch.Tensor] | None = None) -> Iterator[None]:
+    """Within the block, ``model`` attends through the float64 masked reference, then is restored.
+
+    ``bias``: optional per layer ``(batch, kv_heads, prefix)`` added to the logits of the first
+    ``prefix`` cache columns (the log(count) of merged survivors)."""
     AttentionInterface.register(_NAME, _masked_reference_attention)
     AttentionMaskInterface.register(_NAME, eager_mask)
     original = model.config._attn_implementation
     _KEEP.clear()
     _KEEP.update(enumerate(keep))
+    _BIAS.clear()
+    _BIAS.update(enumerate(bias or []))
     model.set_attn_implementation(_NAME)
     try:
         yield
     finally:
         model.set_attn_implementation(original)
         _KEEP.clear()
+        _BIAS.clear()

@@ -20,6 +20,7 @@ from transformers import DynamicCache
 
 from zigzag.budget import BudgetAllocator, get_budget
 from zigzag.cache import CompressedLayer, ZigZagCache
+from zigzag.merge import get_merge
 from zigzag.scorers import LayerView, Scorer, get_scorer, window_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -296,12 +297,14 @@ class Prefill:
         scorer: str | Scorer = "snapkv",
         budget: str | BudgetAllocator = "zigzag",
         *,
+        merge=None,
         progress: bool = False,
     ) -> ZigZagCache:
         """A compressed copy of this prefill; see :func:`compress_cache` for the arguments."""
         ratio = _check_ratio(ratio)
         scorer = get_scorer(scorer)
         allocator = get_budget(budget)
+        merger = get_merge(merge)
         self._check_needs(scorer, allocator)
         budgets, lmba = self.budgets(ratio, allocator)
         device = self.context.input_ids.device
@@ -310,8 +313,14 @@ class Prefill:
         for i in tqdm(range(self.num_layers), desc="compressing layers", disable=not progress):
             kept = select_tokens(self.scores(scorer, i), budgets[:, i].to(device))
             full = self.cache.layers[i]
+            values, bias = gather_slots(full.values, kept), None
+            if merger is not None:
+                merged = merger.merge(full.keys, full.values, kept, self.context.valid)
+                values = merged.values
+                if getattr(merger, "preserve_mass", False):
+                    bias = merged.counts.clamp(min=1.0).log()  # empty slots (count 0) are masked anyway
             layers.append(
-                CompressedLayer(gather_slots(full.keys, kept), gather_slots(full.values, kept), kept, original_length=seq)
+                CompressedLayer(gather_slots(full.keys, kept), values, kept, original_length=seq, prefix_bias=bias)
             )
         return ZigZagCache(layers, budgets=budgets, lmba=lmba)
 
@@ -412,6 +421,7 @@ def compress_cache(
     scorer: str | Scorer = "snapkv",
     budget: str | BudgetAllocator = "zigzag",
     *,
+    merge=None,
     progress: bool = False,
 ) -> ZigZagCache:
     """Prefill ``inputs`` and return a compressed cache that keeps ``1 - ratio`` of it.
@@ -425,6 +435,10 @@ def compress_cache(
             ``num_layers * int((1 - ratio) * T_b)`` tokens per KV head, shared across layers by ``budget``.
         scorer: a name from ``zigzag.scorers.SCORERS`` or a scorer object (higher score = keep).
         budget: a name from ``zigzag.budget.BUDGETS`` or an allocator object.
+        merge: None (evicted tokens are dropped), ``"cosine"`` (the NOTES.md rule) or a merge object
+            such as ``CosineMerge(threshold=0.2, preserve_mass=True)``: evicted tokens are folded into
+            the most similar survivor's value; with ``preserve_mass``, attention adds ``log(count)``
+            to each survivor's logit.
         progress: show a progress bar over layers.
 
     Returns:
@@ -437,4 +451,4 @@ def compress_cache(
     window = max(scorer.query_window, allocator.window if allocator.needs_lmba else 0)
     stats_skip = scorer.query_stats_skip if scorer.needs_query_stats else None
     prefill = prefill_context(model, inputs, window=window, query_stats_skip=stats_skip)
-    return prefill.compress(ratio, scorer, allocator, progress=progress)
+    return prefill.compress(ratio, scorer, allocator, merge=merge, progress=progress)

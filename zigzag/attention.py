@@ -112,6 +112,7 @@ def layer_mask(
     n_tail: int,
     causal: bool,
     dtype: torch.dtype | None = None,
+    prefix_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The full mask of one compressed layer.
 
@@ -124,6 +125,8 @@ def layer_mask(
         n_tail: appended tokens, including this call's queries.
         causal: what ``is_causal`` the model asked for (only read when ``tail_mask`` is None).
         dtype: None for a bool mask; a float dtype for an additive one (0 or the dtype's minimum).
+        prefix_bias: ``(batch, 1 or kv_heads, prefix)`` float added to the logits of the compressed
+            slots (``log(count)`` of merged survivors), or None. Forces an additive mask.
 
     Returns:
         ``(batch, 1 or heads, q_rows or 1, prefix + n_tail)``, bool or ``dtype``.
@@ -141,9 +144,14 @@ def layer_mask(
         tail = tail_mask[..., MASK_LOOKBACK:]
     if dtype is None and tail.dtype != torch.bool:
         dtype = tail.dtype
+    if dtype is None and prefix_bias is not None:
+        dtype = torch.float32
     if dtype is not None:
         minimum = torch.finfo(dtype).min
-        prefix = torch.zeros(prefix.shape, dtype=dtype, device=prefix.device).masked_fill_(~prefix, minimum)
+        base = torch.zeros(prefix.shape, dtype=dtype, device=prefix.device)
+        if prefix_bias is not None:
+            base = base + _heads_like(prefix_bias, heads).to(dtype)
+        prefix = base.masked_fill_(~prefix, minimum)
         if tail.dtype == torch.bool:
             tail = torch.zeros(tail.shape, dtype=dtype, device=tail.device).masked_fill_(~tail, minimum)
         tail = tail.to(dtype)
@@ -154,9 +162,9 @@ def layer_mask(
 
 
 def _ragged_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-    prefix_valid, prefix_full = key._prefix_valid, key._prefix_full
+    prefix_valid, prefix_full, prefix_bias = key._prefix_valid, key._prefix_full, key._prefix_bias
     query, key, value = _plain(query), _plain(key), _plain(value)
-    if prefix_full and attn_mask is None and query.shape[-2] == 1:
+    if prefix_full and prefix_bias is None and attn_mask is None and query.shape[-2] == 1:
         # Decoding one token with every slot real and no padding: no mask at all, so that SDPA may
         # pick its fastest kernel (it cannot with an explicit mask).
         return F.scaled_dot_product_attention(
@@ -170,6 +178,8 @@ def _ragged_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
         q_rows=query.shape[-2],
         n_tail=n_tail,
         causal=bool(is_causal),
+        dtype=query.dtype if prefix_bias is not None else None,
+        prefix_bias=prefix_bias,
     )
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=False, scale=scale, **kwargs
@@ -183,16 +193,21 @@ class RaggedKeys(torch.Tensor):
     token (False: an empty slot of a row or head that kept fewer tokens than the layer's widest).
     ``_prefix_full``: a plain bool, True when every slot holds a token; known when the layer is built,
     so that attention never has to ask the device (a host sync per layer) to find out.
+    ``_prefix_bias``: ``(batch, 1 or kv_heads, prefix)`` float added to the prefix logits, or None.
     """
 
     _prefix_valid: torch.Tensor
     _prefix_full: bool
+    _prefix_bias: torch.Tensor | None
 
     @staticmethod
-    def wrap(keys: torch.Tensor, prefix_valid: torch.Tensor, prefix_full: bool) -> "RaggedKeys":
+    def wrap(
+        keys: torch.Tensor, prefix_valid: torch.Tensor, prefix_full: bool, prefix_bias: torch.Tensor | None = None
+    ) -> "RaggedKeys":
         out = keys.as_subclass(RaggedKeys)
         out._prefix_valid = prefix_valid
         out._prefix_full = prefix_full
+        out._prefix_bias = prefix_bias
         return out
 
     @classmethod
@@ -204,9 +219,9 @@ class RaggedKeys(torch.Tensor):
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
         if func in _KEY_VIEW_OPS and isinstance(out, torch.Tensor):
-            return RaggedKeys.wrap(out, source._prefix_valid, source._prefix_full)
+            return RaggedKeys.wrap(out, source._prefix_valid, source._prefix_full, source._prefix_bias)
         if func in _MATMUL_OPS and isinstance(args[1], RaggedKeys):
-            return _RaggedScores.wrap(out, source._prefix_valid)
+            return _RaggedScores.wrap(out, source._prefix_valid, source._prefix_bias)
         return out
 
 
@@ -214,32 +229,35 @@ class _RaggedScores(torch.Tensor):
     """Eager attention logits ``(batch, heads, q, prefix + appended)`` still waiting for their mask."""
 
     _prefix_valid: torch.Tensor
+    _prefix_bias: torch.Tensor | None
 
     @staticmethod
-    def wrap(scores: torch.Tensor, prefix_valid: torch.Tensor) -> "_RaggedScores":
+    def wrap(scores: torch.Tensor, prefix_valid: torch.Tensor, prefix_bias: torch.Tensor | None) -> "_RaggedScores":
         out = scores.as_subclass(_RaggedScores)
         out._prefix_valid = prefix_valid
+        out._prefix_bias = prefix_bias
         return out
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        prefix_valid = _ragged_arg(args)._prefix_valid
+        source = _ragged_arg(args)
+        prefix_valid, prefix_bias = source._prefix_valid, source._prefix_bias
         if func in _SCALE_OPS and not any(isinstance(a, torch.Tensor) and a.dim() > 0 for a in args[1:]):
             with torch._C.DisableTorchFunctionSubclass():
-                return _RaggedScores.wrap(func(*args, **kwargs), prefix_valid)
+                return _RaggedScores.wrap(func(*args, **kwargs), prefix_valid, prefix_bias)
         scores = next(_plain(a) for a in args if isinstance(a, _RaggedScores))
         if func in _ADD_OPS:
             other = next(_plain(a) for a in args if not isinstance(a, _RaggedScores))
-            return scores + _full_additive_mask(scores, prefix_valid, other)
+            return scores + _full_additive_mask(scores, prefix_valid, other, prefix_bias)
         # Anything else (softmax, say) means the model added no mask: apply the layer's own first.
-        masked = scores + _full_additive_mask(scores, prefix_valid, None)
+        masked = scores + _full_additive_mask(scores, prefix_valid, None, prefix_bias)
         args = tuple(masked if isinstance(a, _RaggedScores) else a for a in args)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
 
-def _full_additive_mask(scores: torch.Tensor, prefix_valid: torch.Tensor, tail) -> torch.Tensor:
+def _full_additive_mask(scores: torch.Tensor, prefix_valid: torch.Tensor, tail, prefix_bias=None) -> torch.Tensor:
     n_tail = scores.shape[-1] - prefix_valid.shape[-1]
     return layer_mask(
         prefix_valid,
@@ -249,4 +267,5 @@ def _full_additive_mask(scores: torch.Tensor, prefix_valid: torch.Tensor, tail) 
         n_tail=n_tail,
         causal=True,
         dtype=scores.dtype,
+        prefix_bias=prefix_bias,
     )

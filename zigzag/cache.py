@@ -28,6 +28,8 @@ class CompressedLayer(DynamicLayer):
         kept_positions: ``(batch, kv_heads, kept)`` long: the column of ``input_ids`` each slot came
             from, ascending along ``kept``; ``-1`` marks an empty slot (they come first).
         original_length: the uncompressed length (columns of ``input_ids``, padding included).
+        prefix_bias: ``(batch, kv_heads, kept)`` float added to the attention logits of the kept slots
+            (``log(count)`` of merged survivors, :mod:`zigzag.merge`), or None.
     """
 
     def __init__(
@@ -36,6 +38,7 @@ class CompressedLayer(DynamicLayer):
         values: torch.Tensor,
         kept_positions: torch.Tensor,
         original_length: int,
+        prefix_bias: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if keys.shape != values.shape or keys.shape[:3] != kept_positions.shape:
@@ -48,6 +51,7 @@ class CompressedLayer(DynamicLayer):
         self.is_initialized = True
         self.kept_positions = kept_positions
         self.original_length = int(original_length)
+        self.prefix_bias = prefix_bias
         self._set_slots(kept_positions)
 
     def _set_slots(self, kept_positions: torch.Tensor) -> None:
@@ -72,7 +76,7 @@ class CompressedLayer(DynamicLayer):
         """Append ``(batch, kv_heads, new, head_dim)`` and return all keys (as RaggedKeys) and values."""
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        return RaggedKeys.wrap(self.keys, self.slot_valid, self.prefix_full), self.values
+        return RaggedKeys.wrap(self.keys, self.slot_valid, self.prefix_full, self.prefix_bias), self.values
 
     def get_seq_length(self) -> int:
         """The logical length: original tokens plus appended ones (what RoPE positions continue from)."""
@@ -100,6 +104,8 @@ class CompressedLayer(DynamicLayer):
         self.keys = select(self.keys)
         self.values = select(self.values)
         self.kept_positions = select(self.kept_positions)
+        if self.prefix_bias is not None:
+            self.prefix_bias = select(self.prefix_bias)
         self._set_slots(self.kept_positions)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -116,7 +122,8 @@ class CompressedLayer(DynamicLayer):
 
     def nbytes(self) -> int:
         """Bytes held by keys, values and the slot index."""
-        return self.keys.nbytes + self.values.nbytes + self.kept_positions.nbytes + self.slot_valid.nbytes
+        bias = 0 if self.prefix_bias is None else self.prefix_bias.nbytes
+        return self.keys.nbytes + self.values.nbytes + self.kept_positions.nbytes + self.slot_valid.nbytes + bias
 
 
 class ZigZagCache(DynamicCache):

@@ -27,6 +27,9 @@ from tqdm.auto import tqdm
 
 from benchmarks.ruler.tasks import TASKS, Sample, generate_task, score_output
 from zigzag import BUDGETS, SCORERS, SpanPooled, get_scorer, prefill_context
+from zigzag.merge import CosineMerge
+
+MERGE_MODES = {"off": None, "cosine": CosineMerge(), "cosine+mass": CosineMerge(preserve_mass=True)}
 
 log = logging.getLogger("benchmarks.ruler")
 
@@ -119,7 +122,9 @@ def run_batch(model, tokenizer, samples: list[Sample], protocol: str, settings: 
         if setting.scorer == "none":
             cache, budgets = None, None
         else:
-            cache = pre.compress(setting.ratio, make_scorer(setting.scorer), setting.budget)
+            cache = pre.compress(
+                setting.ratio, make_scorer(setting.scorer), setting.budget, merge=MERGE_MODES[setting.merge]
+            )
             budgets = cache.budgets.float().mean(0).tolist()
         out = model.generate(
             input_ids=ids,
@@ -153,7 +158,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", default="all", help=f"comma list or 'all' ({', '.join(TASKS)})")
     p.add_argument("--scorers", default="knorm,snapkv,expected_attention,tova,streaming_llm")
     p.add_argument("--budgets", default="uniform,pyramid,zigzag")
-    p.add_argument("--merge", default="off", help="comma list of merge modes: off (merge-on-evict lands with issue 4)")
+    p.add_argument("--merge", default="off", help=f"comma list of merge modes: {', '.join(MERGE_MODES)}")
     p.add_argument("--ratios", default="0.25,0.5,0.75,0.875")
     p.add_argument("--protocols", default="agnostic,aware")
     p.add_argument("--samples", type=int, default=50, help="samples per task")
@@ -173,8 +178,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(not 0 < r < 1 for r in args.ratios):
         p.error("ratios must lie in (0, 1)")
     args.merge = args.merge.split(",")
-    if args.merge != ["off"]:
-        p.error("--merge: only 'off' is available until merge-on-evict lands")
+    if unknown := [m for m in args.merge if m not in MERGE_MODES]:
+        p.error(f"unknown merge modes {unknown}; known: {', '.join(MERGE_MODES)}")
     return args
 
 

@@ -247,3 +247,28 @@ def test_tiny_model_end_to_end_every_scorer_and_budget(tiny):
             assert cache.budgets.sum(1).tolist() == [3 * 30, 3 * 35]
             full = copy.deepcopy(cache)
             assert full.get_seq_length() == 70
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_head_wise_adakv_budgets_are_exact_on_a_tiny_model(attn):
+    model = tiny_llama(attn, seed=4)
+    batch, seq, q = 2, 48, 3
+    ids = torch.randint(0, 128, (batch, seq))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, :5] = 0
+    ctx = {"input_ids": ids, "attention_mask": mask}
+    cache = compress_cache(model, ctx, ratio=0.5, scorer="knorm", budget="adakv")
+    lengths = mask.sum(-1)
+    for layer, kept in enumerate(cache.kept_positions):
+        per_head = (kept >= 0).sum(-1)  # (batch, kv_heads): heads keep different numbers of tokens
+        assert per_head.sum(-1).tolist() == [2 * int(0.5 * int(n)) for n in lengths]
+    assert any(len(set(k[b].ne(-1).sum(-1).tolist())) > 1 for k in cache.kept_positions for b in range(batch))
+    full = prefill_context(model, ctx, window=0, query_stats_skip=None).cache
+    new = torch.randint(0, 128, (batch, q))
+    full_mask = torch.cat([mask, torch.ones(batch, q, dtype=torch.long)], dim=-1)
+    positions = (full_mask.cumsum(-1) - 1)[:, -q:]
+    with torch.no_grad():
+        ours = model(input_ids=new, attention_mask=full_mask, position_ids=positions, past_key_values=cache).logits
+        with masked_reference(model, keep_masks(cache.kept_positions, seq)):
+            ref = model(input_ids=new, attention_mask=full_mask, position_ids=positions, past_key_values=full).logits
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)

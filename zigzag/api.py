@@ -311,7 +311,11 @@ class Prefill:
         seq = self.context.input_ids.shape[1]
         layers = []
         for i in tqdm(range(self.num_layers), desc="compressing layers", disable=not progress):
-            kept = select_tokens(self.scores(scorer, i), budgets[:, i].to(device))
+            scores = self.scores(scorer, i)
+            layer_budget = budgets[:, i].to(device)
+            if hasattr(allocator, "split_heads"):  # head-wise budgets inside the layer (AdaKV)
+                layer_budget = allocator.split_heads(scores, self.context.valid, layer_budget)
+            kept = select_tokens(scores, layer_budget)
             full = self.cache.layers[i]
             values, bias = gather_slots(full.values, kept), None
             if merger is not None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zigzag.budget import BUDGETS, BudgetAllocator, Pyramid, Uniform, ZigZag, get_budget
+from zigzag.budget import BUDGETS, AdaKV, BudgetAllocator, Pyramid, Uniform, ZigZag, get_budget
 
 
 def test_registry_contents() -> None:
-    assert BUDGETS == {"uniform": Uniform, "pyramid": Pyramid, "zigzag": ZigZag}
+    assert BUDGETS == {"uniform": Uniform, "pyramid": Pyramid, "zigzag": ZigZag, "adakv": AdaKV}
     for name, cls in BUDGETS.items():
         assert cls.name == name
 
@@ -37,7 +37,7 @@ def test_objects_pass_through() -> None:
 
 
 def test_unknown_name_lists_known_ones() -> None:
-    with pytest.raises(ValueError, match="unknown budget 'snapkv'; known budgets: pyramid, uniform, zigzag"):
+    with pytest.raises(ValueError, match="unknown budget 'snapkv'; known budgets: adakv, pyramid, uniform, zigzag"):
         get_budget("snapkv")
 
 

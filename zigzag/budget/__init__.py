@@ -5,11 +5,14 @@
 * :class:`BudgetAllocator`: the protocol (``name``, ``needs_lmba``, ``allocate``).
 * :class:`Uniform`, :class:`Pyramid` (PyramidKV, https://arxiv.org/abs/2406.02069),
   :class:`ZigZag` (ZigZagKV, https://arxiv.org/abs/2412.09036) and its statistic :func:`lmba`.
+* :class:`AdaKV` (https://arxiv.org/abs/2407.11550): uniform layers, budgets split across each
+  layer's KV heads by score (:func:`adakv_head_budgets`); allocators with ``split_heads`` do this.
 * :data:`BUDGETS` and :func:`get_budget`: the registry.
 """
 
 from __future__ import annotations
 
+from zigzag.budget.adakv import AdaKV, adakv_head_budgets
 from zigzag.budget.apportion import apportion
 from zigzag.budget.base import BudgetAllocator, check_allocate_args
 from zigzag.budget.pyramid import Pyramid
@@ -17,12 +20,14 @@ from zigzag.budget.uniform import Uniform
 from zigzag.budget.zigzag import LMBA_REL_TOL, ZigZag, lmba, lmba_per_head
 
 __all__ = [
+    "AdaKV",
     "BUDGETS",
     "BudgetAllocator",
     "LMBA_REL_TOL",
     "Pyramid",
     "Uniform",
     "ZigZag",
+    "adakv_head_budgets",
     "apportion",
     "check_allocate_args",
     "get_budget",
@@ -30,7 +35,7 @@ __all__ = [
     "lmba_per_head",
 ]
 
-BUDGETS: dict[str, type] = {"uniform": Uniform, "pyramid": Pyramid, "zigzag": ZigZag}
+BUDGETS: dict[str, type] = {"uniform": Uniform, "pyramid": Pyramid, "zigzag": ZigZag, "adakv": AdaKV}
 """Registry: name -> allocator class (constructed with its defaults by :func:`get_budget`)."""
 
 

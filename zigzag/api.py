@@ -201,6 +201,11 @@ def _hooks(modules_and_hooks) -> Iterator[None]:
             handle.remove()
 
 
+def _query_window_needed(scorer: Scorer, allocator: BudgetAllocator) -> int:
+    """Last queries (after RoPE) that the scorer and, for LMBA, the allocator read."""
+    return max(scorer.query_window, allocator.window if allocator.needs_lmba else 0)
+
+
 @dataclass
 class Prefill:
     """One uncompressed prefill and everything scorers and allocators read from it.
@@ -242,7 +247,7 @@ class Prefill:
 
     def _check_needs(self, scorer: Scorer, allocator: BudgetAllocator) -> None:
         seq = self.context.input_ids.shape[1]
-        wanted = max(scorer.query_window, allocator.window if allocator.needs_lmba else 0)
+        wanted = _query_window_needed(scorer, allocator)
         if min(wanted, seq) > self.window:
             raise ValueError(
                 f"{scorer.name} / {allocator.name} need the last {wanted} queries but this prefill kept "
@@ -452,7 +457,7 @@ def compress_cache(
     ratio = _check_ratio(ratio)
     scorer = get_scorer(scorer)
     allocator = get_budget(budget)
-    window = max(scorer.query_window, allocator.window if allocator.needs_lmba else 0)
+    window = _query_window_needed(scorer, allocator)
     stats_skip = scorer.query_stats_skip if scorer.needs_query_stats else None
     prefill = prefill_context(model, inputs, window=window, query_stats_skip=stats_skip)
     return prefill.compress(ratio, scorer, allocator, merge=merge, progress=progress)

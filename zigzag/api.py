@@ -313,24 +313,14 @@ class Prefill:
         self._check_needs(scorer, allocator)
         budgets, lmba = self.budgets(ratio, allocator)
         device = self.context.input_ids.device
-        seq = self.context.input_ids.shape[1]
         layers = []
         for i in tqdm(range(self.num_layers), desc="compressing layers", disable=not progress):
             scores = self.scores(scorer, i)
             layer_budget = budgets[:, i].to(device)
             if hasattr(allocator, "split_heads"):  # head-wise budgets inside the layer (AdaKV)
                 layer_budget = allocator.split_heads(scores, self.context.valid, layer_budget)
-            kept = select_tokens(scores, layer_budget)
             full = self.cache.layers[i]
-            values, bias = gather_slots(full.values, kept), None
-            if merger is not None:
-                merged = merger.merge(full.keys, full.values, kept, self.context.valid)
-                values = merged.values
-                if getattr(merger, "preserve_mass", False):
-                    bias = merged.counts.clamp(min=1.0).log()  # empty slots (count 0) are masked anyway
-            layers.append(
-                CompressedLayer(gather_slots(full.keys, kept), values, kept, original_length=seq, prefix_bias=bias)
-            )
+            layers.append(build_layer(full.keys, full.values, select_tokens(scores, layer_budget), self.context.valid, merger))
         return ZigZagCache(layers, budgets=budgets, lmba=lmba)
 
 
@@ -417,6 +407,24 @@ def gather_slots(states: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """``states (batch, kv_heads, seq, head_dim)`` at ``kept (batch, kv_heads, n)``; zeros on -1."""
     index = kept.clamp(min=0)[..., None].expand(-1, -1, -1, states.shape[-1])
     return torch.gather(states, 2, index) * (kept >= 0)[..., None].to(states.dtype)
+
+
+def build_layer(keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, valid: torch.Tensor, merger=None) -> CompressedLayer:
+    """The compressed layer that keeps ``kept`` of one layer's full ``keys``/``values``.
+
+    Args:
+        keys, values: ``(batch, kv_heads, seq, head_dim)`` the layer's uncompressed cache.
+        kept: ``(batch, kv_heads, n)`` long from :func:`select_tokens` (ascending, ``-1`` = empty slot).
+        valid: ``(batch, seq)`` bool, False on left padding (padding is never merged).
+        merger: None, or a merge object (:mod:`zigzag.merge`) folding evicted tokens into survivors.
+    """
+    out_values, bias = gather_slots(values, kept), None
+    if merger is not None:
+        merged = merger.merge(keys, values, kept, valid)
+        out_values = merged.values
+        if getattr(merger, "preserve_mass", False):
+            bias = merged.counts.clamp(min=1.0).log()  # empty slots (count 0) are masked anyway
+    return CompressedLayer(gather_slots(keys, kept), out_values, kept, original_length=keys.shape[2], prefix_bias=bias)
 
 
 # ---------------------------------------------------------------------------------------------- entry point

@@ -4,10 +4,11 @@
 >>> cache = compress_cache(model, tok(context, return_tensors="pt"), ratio=0.75)  # doctest: +SKIP
 """
 
-from zigzag.api import Prefill, UnsupportedModelError, compress_cache, prefill_context
+from zigzag.api import Prefill, UnsupportedModelError, prefill_context
 from zigzag.budget import BUDGETS, Pyramid, Uniform, ZigZag, get_budget
 from zigzag.cache import CompressedLayer, ZigZagCache
 from zigzag.models import load_smollm2
+from zigzag.streaming import compress_cache
 from zigzag.scorers import (
     SCORERS,
     TOVA,

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from zigzag.budget import BudgetAllocator, get_budget
+from zigzag.budget import BudgetAllocator, get_budget, layer_mean_budgets
 from zigzag.cache import CompressedLayer, ZigZagCache
 from zigzag.merge import get_merge
 from zigzag.scorers import LayerView, Scorer, get_scorer, window_attention
@@ -262,12 +262,11 @@ class Prefill:
     def scores(self, scorer: Scorer, layer: int) -> torch.Tensor:
         """``(batch, kv_heads, seq)`` float scores of one layer, ``-inf`` on padding."""
         full = self.cache.layers[layer]
-        ctx = self.context
         view = LayerView(
             keys=full.keys,
             values=full.values,
-            valid=ctx.valid,
-            positions=ctx.positions,
+            valid=self.context.valid,
+            positions=self.context.positions,
             scaling=self.scalings[layer],
             layer_idx=layer,
             num_layers=self.num_layers,
@@ -276,7 +275,7 @@ class Prefill:
             query_cov=self.query_cov.get(layer),
             rope=self.rope if scorer.needs_query_stats else None,
         )
-        return scorer.score(view).float().masked_fill(~ctx.valid[:, None, :], float("-inf"))
+        return score_layer(scorer, view)
 
     def window_mass(self, layer: int, window: int) -> torch.Tensor:
         """``(batch, heads, seq)``: real softmax attention of the last ``window`` queries, averaged over them."""
@@ -284,15 +283,22 @@ class Prefill:
         return window_attention(q, self.cache.layers[layer].keys, self.context.valid, self.scalings[layer]).mean(dim=2)
 
     def budgets(self, ratio: float, allocator: BudgetAllocator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(batch, num_layers)`` long budgets and the ``(batch, num_layers)`` LMBA (or None)."""
+        """``(batch, num_layers)`` long budgets and the ``(batch, num_layers)`` LMBA (or None).
+
+        Head-wise allocators (``head_wise = True``, e.g. ``zigzag_heads``) give both as
+        ``(batch, num_layers, kv_heads)``: LMBA measured per KV head (``measure_heads``).
+        """
         lengths = self.context.lengths
         avg_budget = ((1.0 - ratio) * lengths.double()).floor().long()
         lmba = None
         if allocator.needs_lmba:
-            lmba = torch.stack(
-                [allocator.measure(self.window_mass(i, allocator.window), self.context.valid) for i in range(self.num_layers)],
-                dim=1,
-            ).cpu()
+            valid, window = self.context.valid, allocator.window
+            if getattr(allocator, "head_wise", False):
+                kv_heads = self.cache.layers[0].keys.shape[1]
+                per_layer = [allocator.measure_heads(self.window_mass(i, window), valid, kv_heads) for i in range(self.num_layers)]
+            else:
+                per_layer = [allocator.measure(self.window_mass(i, window), valid) for i in range(self.num_layers)]
+            lmba = torch.stack(per_layer, dim=1).cpu()
         return allocator.allocate(avg_budget.cpu(), lengths.cpu(), self.num_layers, lmba), lmba
 
     @torch.no_grad()
@@ -316,11 +322,13 @@ class Prefill:
         layers = []
         for i in tqdm(range(self.num_layers), desc="compressing layers", disable=not progress):
             scores = self.scores(scorer, i)
-            layer_budget = budgets[:, i].to(device)
+            layer_budget = budgets[:, i].to(device)  # (batch,), or (batch, kv_heads) from a head-wise allocator
             if hasattr(allocator, "split_heads"):  # head-wise budgets inside the layer (AdaKV)
                 layer_budget = allocator.split_heads(scores, self.context.valid, layer_budget)
             full = self.cache.layers[i]
             layers.append(build_layer(full.keys, full.values, select_tokens(scores, layer_budget), self.context.valid, merger))
+        if budgets.dim() == 3:  # head-wise: report per layer (mean over KV heads, exact row totals)
+            budgets, lmba = layer_mean_budgets(budgets), lmba.mean(dim=-1)
         return ZigZagCache(layers, budgets=budgets, lmba=lmba)
 
 
@@ -383,6 +391,20 @@ def prefill_context(model: nn.Module, inputs, *, window: int = 64, query_stats_s
 # ---------------------------------------------------------------------------------------------- selection
 
 
+def score_layer(scorer: Scorer, view: LayerView) -> torch.Tensor:
+    """``(batch, kv_heads, seq)`` float32 scores of ``view``, ``-inf`` where ``view.valid`` is False."""
+    return scorer.score(view).float().masked_fill(~view.valid[:, None, :], float("-inf"))
+
+
+def rank_tokens(scores: torch.Tensor) -> torch.Tensor:
+    """``(batch, kv_heads, seq)`` columns from best to worst score; ties keep the earlier column first.
+
+    The stable order is what makes selecting the top ``k`` at once (:func:`select_tokens`) and in
+    two steps (:mod:`zigzag.streaming`, top ``k`` now and more later) keep exactly the same tokens.
+    """
+    return scores.sort(dim=-1, descending=True, stable=True).indices
+
+
 def select_tokens(scores: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
     """Pick each row's ``budgets[b]`` best tokens per KV head.
 
@@ -397,7 +419,7 @@ def select_tokens(scores: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
     width = int(budgets.max()) if budgets.numel() else 0
     if width == 0:
         return scores.new_empty(*scores.shape[:2], 0, dtype=torch.long)
-    best = scores.topk(width, dim=-1, sorted=True).indices  # (batch, kv_heads, width)
+    best = rank_tokens(scores)[..., :width]  # (batch, kv_heads, width)
     limit = budgets if budgets.dim() == 2 else budgets[:, None]
     used = torch.arange(width, device=scores.device)[None, None, :] < limit[..., None].to(scores.device)
     return torch.where(used, best, -1).sort(dim=-1).values
@@ -425,47 +447,3 @@ def build_layer(keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, va
         if getattr(merger, "preserve_mass", False):
             bias = merged.counts.clamp(min=1.0).log()  # empty slots (count 0) are masked anyway
     return CompressedLayer(gather_slots(keys, kept), out_values, kept, original_length=keys.shape[2], prefix_bias=bias)
-
-
-# ---------------------------------------------------------------------------------------------- entry point
-
-
-@torch.no_grad()
-def compress_cache(
-    model: nn.Module,
-    inputs,
-    ratio: float,
-    scorer: str | Scorer = "snapkv",
-    budget: str | BudgetAllocator = "zigzag",
-    *,
-    merge=None,
-    progress: bool = False,
-) -> ZigZagCache:
-    """Prefill ``inputs`` and return a compressed cache that keeps ``1 - ratio`` of it.
-
-    Args:
-        model: a Hugging Face causal LM (Llama, Mistral without sliding window, Qwen2, Qwen3) using
-            ``"sdpa"`` or ``"eager"`` attention. It is left exactly as it was.
-        inputs: tokenizer output (``input_ids`` and optional ``attention_mask``, ``(batch, seq)``,
-            left padded) or a ``(batch, seq)`` / ``(seq,)`` LongTensor of ids.
-        ratio: fraction of the cache removed, in ``[0, 1)``. Row ``b`` (``T_b`` real tokens) keeps
-            ``num_layers * int((1 - ratio) * T_b)`` tokens per KV head, shared across layers by ``budget``.
-        scorer: a name from ``zigzag.scorers.SCORERS`` or a scorer object (higher score = keep).
-        budget: a name from ``zigzag.budget.BUDGETS`` or an allocator object.
-        merge: None (evicted tokens are dropped), ``"cosine"`` (the NOTES.md rule) or a merge object
-            such as ``CosineMerge(threshold=0.2, preserve_mass=True)``: evicted tokens are folded into
-            the most similar survivor's value; with ``preserve_mass``, attention adds ``log(count)``
-            to each survivor's logit.
-        progress: show a progress bar over layers.
-
-    Returns:
-        A :class:`~zigzag.cache.ZigZagCache`. Continue with ``model.generate(input_ids=cat(context,
-        question), attention_mask=..., past_key_values=cache)``: positions continue from ``seq``.
-    """
-    ratio = _check_ratio(ratio)
-    scorer = get_scorer(scorer)
-    allocator = get_budget(budget)
-    window = _query_window_needed(scorer, allocator)
-    stats_skip = scorer.query_stats_skip if scorer.needs_query_stats else None
-    prefill = prefill_context(model, inputs, window=window, query_stats_skip=stats_skip)
-    return prefill.compress(ratio, scorer, allocator, merge=merge, progress=progress)

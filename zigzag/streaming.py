@@ -115,96 +115,186 @@ def _finish(positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b
     return CompressedLayer(keys.gather(2, index) * slot, values.gather(2, index) * slot, kept, original_length=seq)
 
 
+@dataclass
+class _Slots:
+    """What one layer holds when its attention has run in the current chunk.
+
+    keys / values: ``(batch, kv_heads, slots, head_dim)``: the kept tokens of earlier chunks, then
+    this chunk's. columns: ``(batch, kv_heads, slots)`` long ``input_ids`` column of each slot (-1 for
+    an empty one). valid: ``(batch, kv_heads, slots)`` bool, or ``(batch, slots)`` when every head
+    holds the same columns (the first chunk).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    columns: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def per_head(self) -> bool:
+        return self.valid.dim() == 3
+
+
+def _fold(t: torch.Tensor | None, kv_heads: int) -> torch.Tensor | None:
+    """``(batch, heads, ...)`` -> ``(batch * kv_heads, heads // kv_heads, ...)``: one KV head per row."""
+    if t is None:
+        return None
+    return t.reshape(t.shape[0] * kv_heads, t.shape[1] // kv_heads, *t.shape[2:])
+
+
 class _LayerwiseCompressor:
-    """The hooks' state during one prefill: what has been captured and what each layer became."""
+    """The hooks' state during the prefill: what has been captured and what each layer became.
+
+    Call :meth:`run_chunk` for consecutive column ranges covering the context, then :meth:`finalize`.
+    """
 
     def __init__(self, model: nn.Module, ctx: _Context, ratio: float, scorer: Scorer, allocator: BudgetAllocator, merger, progress: bool):
         config = model.config
-        self.model, self.ctx = model, ctx
+        self.model, self.ctx, self.ratio = model, ctx, ratio
         self.scorer, self.allocator, self.merger = scorer, allocator, merger
         self.attentions = [layer.self_attn for layer in _decoder(model).layers]
         self.num_layers = len(self.attentions)
         self.heads = config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        seq = ctx.input_ids.shape[1]
-        self.window = min(_query_window_needed(scorer, allocator), seq)
+        self.window_wanted = _query_window_needed(scorer, allocator)
         self.stats_skip = scorer.query_stats_skip if scorer.needs_query_stats else None
-        self.avg_budget = ((1.0 - ratio) * ctx.lengths.double()).floor().long()
-        self.budgets = None if allocator.needs_lmba else allocator.allocate(self.avg_budget.cpu(), ctx.lengths.cpu(), self.num_layers, None)
         self.lmba: list[torch.Tensor] = []
         self.pending: dict[int, _Provisional] = {}
         self.cache = DynamicCache(config=config)
-        self.capture = _QueryCapture(
-            window=self.window, stats_skip=self.stats_skip, heads=self.heads, head_dim=self.head_dim, valid=ctx.valid
-        )
         self.rope = None
+        self.budgets: torch.Tensor | None = None
+        self.pool: torch.Tensor | None = None
         self.bar = tqdm(total=self.num_layers, desc="prefill + compress", disable=not progress)
 
-    def _window_queries(self, layer: int, keys: torch.Tensor) -> torch.Tensor | None:
+    # ------------------------------------------------------------------------------------ one chunk
+
+    @torch.no_grad()
+    def run_chunk(self, start: int, end: int, final: bool) -> None:
+        ctx = self.ctx
+        self.start, self.end, self.final = start, end, final
+        seen = ctx.valid[:, :end].sum(dim=-1)
+        self.avg_budget = ((1.0 - self.ratio) * seen.double()).floor().long()
+        held = ctx.valid[:, start:end].sum(dim=-1)  # tokens each head holds after this chunk's attention
+        if start > 0:
+            held = held + (self.cache.layers[0].kept_positions[:, 0] >= 0).sum(dim=-1)
+        self.pool = held.cpu()
+        allocator = self.allocator if final else None  # earlier chunks: every layer keeps the average
+        self.budgets = None
+        if allocator is None or not allocator.needs_lmba:
+            lengths = self.pool
+            if allocator is None:
+                self.budgets = self.avg_budget.cpu()[:, None].expand(-1, self.num_layers)
+            else:
+                self.budgets = allocator.allocate(self.avg_budget.cpu(), lengths, self.num_layers, None)
+        self.window = min(self.window_wanted, end - start)
+        self.capture = _QueryCapture(
+            window=self.window, stats_skip=self.stats_skip, heads=self.heads, head_dim=self.head_dim, valid=ctx.valid[:, start:end]
+        )
+        self.cos = self.sin = None
+        queries = ((_query_projection(a), self.capture.hook(i)) for i, a in enumerate(self.attentions))
+        after = ((a, self._hook(i)) for i, a in enumerate(self.attentions))
+        with _hooks(list(queries) + list(after)):
+            self.model(
+                input_ids=ctx.input_ids[:, start:end],
+                attention_mask=ctx.valid[:, :end].long(),
+                position_ids=ctx.positions[:, start:end],
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+
+    def _hook(self, layer: int):
+        def after_attention(module, args, output):
+            self._compress_layer(layer)
+
+        return after_attention
+
+    def _slots(self, layer: int) -> _Slots:
+        held = self.cache.layers[layer]
+        ctx, start, end = self.ctx, self.start, self.end
+        if not isinstance(held, CompressedLayer):  # first chunk: a plain layer, every head alike
+            columns = torch.arange(end, device=held.keys.device).expand(*held.keys.shape[:3])
+            return _Slots(held.keys, held.values, columns, ctx.valid[:, :end])
+        batch, kv_heads = held.keys.shape[:2]
+        new = torch.arange(start, end, device=held.keys.device).expand(batch, kv_heads, -1)
+        columns = torch.cat([held.kept_positions, new], dim=-1)
+        valid = torch.cat([held.kept_positions >= 0, ctx.valid[:, None, start:end].expand(-1, kv_heads, -1)], dim=-1)
+        return _Slots(held.keys, held.values, columns, valid)
+
+    def _window_queries(self, layer: int, like: torch.Tensor) -> torch.Tensor | None:
+        if self.rope is None:
+            self.rope = _rope_fn(self.model, like)
         if not self.window:
             return None
-        if self.rope is None:
-            self.rope = _rope_fn(self.model, keys)
-            seq = self.ctx.input_ids.shape[1]
-            cos, sin = self.rope(self.ctx.positions[:, seq - self.window :])
+        if self.cos is None:
+            cos, sin = self.rope(self.ctx.positions[:, self.end - self.window : self.end])
             self.cos, self.sin = cos[:, None], sin[:, None]
         q = self.capture.window_queries.pop(layer)
         return q * self.cos + _rotate_half(q) * self.sin
 
-    def hook(self, layer: int):
-        def after_attention(module, args, output):
-            self.compress_layer(layer)
-
-        return after_attention
-
-    def compress_layer(self, layer: int) -> None:
-        full = self.cache.layers[layer]
-        keys, values, ctx = full.keys, full.values, self.ctx
-        queries = self._window_queries(layer, keys)
-        if self.rope is None and self.scorer.needs_query_stats:
-            self.rope = _rope_fn(self.model, keys)
+    def _compress_layer(self, layer: int) -> None:
+        slots = self._slots(layer)
+        queries = self._window_queries(layer, slots.keys)
+        scaling = self.attentions[layer].scaling
 
         def last(count: int) -> torch.Tensor | None:
             count = min(count, self.window)
             return None if count == 0 else queries[:, :, queries.shape[2] - count :]
 
-        view = LayerView(
-            keys=keys,
-            values=values,
-            valid=ctx.valid,
-            positions=ctx.positions,
-            scaling=self.attentions[layer].scaling,
-            layer_idx=layer,
-            num_layers=self.num_layers,
-            window_queries=last(self.scorer.query_window),
-            query_mean=self.capture.mean.pop(layer, None),
-            query_cov=self.capture.cov.pop(layer, None),
-            rope=self.rope if self.scorer.needs_query_stats else None,
-        )
-        scores = score_layer(self.scorer, view)
-        if self.budgets is not None:
-            layer_budget = self.budgets[:, layer].to(keys.device)
-            if hasattr(self.allocator, "split_heads"):
-                layer_budget = self.allocator.split_heads(scores, ctx.valid, layer_budget)
-            self.cache.layers[layer] = build_layer(keys, values, select_tokens(scores, layer_budget), ctx.valid, self.merger)
+        kv_heads = slots.keys.shape[1]
+        mean, cov = self.capture.mean.pop(layer, None), self.capture.cov.pop(layer, None)
+        if slots.per_head:
+            # Earlier chunks left each KV head its own tokens: score every (row, KV head) as a row of its own.
+            batch = slots.keys.shape[0]
+            flat = lambda t: t.reshape(batch * kv_heads, 1, *t.shape[2:])  # noqa: E731
+            valid = slots.valid.reshape(batch * kv_heads, -1)
+            positions = self.ctx.positions.gather(1, slots.columns.clamp(min=0).reshape(batch, -1)).reshape(batch * kv_heads, -1)
+            view = LayerView(flat(slots.keys), flat(slots.values), valid, positions, scaling, layer, self.num_layers,
+                             _fold(last(self.scorer.query_window), kv_heads), _fold(mean, kv_heads), _fold(cov, kv_heads),
+                             self.rope if self.scorer.needs_query_stats else None)
+            scores = score_layer(self.scorer, view).reshape(batch, kv_heads, -1)
         else:
-            mass = window_attention(last(self.allocator.window), keys, ctx.valid, view.scaling).mean(dim=2)
-            self.lmba.append(self.allocator.measure(mass, ctx.valid))
+            view = LayerView(slots.keys, slots.values, slots.valid, self.ctx.positions[:, : self.end], scaling, layer,
+                             self.num_layers, last(self.scorer.query_window), mean, cov,
+                             self.rope if self.scorer.needs_query_stats else None)
+            scores = score_layer(self.scorer, view)
+        seq = self.end
+        if self.budgets is not None:
+            layer_budget = self.budgets[:, layer].to(scores.device)
+            if self.final and hasattr(self.allocator, "split_heads"):
+                layer_budget = self.allocator.split_heads(scores, slots.valid, layer_budget)
+            kept = select_tokens(scores, layer_budget)
+            if not slots.per_head:
+                self.cache.layers[layer] = build_layer(slots.keys, slots.values, kept, slots.valid, self.merger if self.final else None)
+            else:
+                columns = torch.where(kept >= 0, slots.columns.gather(2, kept.clamp(min=0)), -1)
+                self.cache.layers[layer] = CompressedLayer(
+                    gather_slots(slots.keys, kept), gather_slots(slots.values, kept), columns, original_length=seq
+                )
+        else:
+            mass = window_attention(_fold(last(self.allocator.window), kv_heads) if slots.per_head else last(self.allocator.window),
+                                    view.keys, view.valid, scaling).mean(dim=2)
+            measured = self.allocator.measure(mass, view.valid)
+            self.lmba.append(measured.reshape(scores.shape[0], -1).mean(dim=1) if slots.per_head else measured)
             ranked = rank_tokens(scores)
             width = int(self.avg_budget.max())
-            top_keys, top_values = _take_ranked(ranked[..., :width], keys, values)
-            rest_keys, rest_values = _take_ranked(ranked[..., width:], keys, values)
+            top_keys, top_values = _take_ranked(ranked[..., :width], slots.keys, slots.values)
+            rest_keys, rest_values = _take_ranked(ranked[..., width:], slots.keys, slots.values)
+            columns = slots.columns.gather(2, ranked)
             self.pending[layer] = _Provisional(
-                top_positions=ranked[..., :width],
+                top_positions=columns[..., :width],
                 top_keys=top_keys,
                 top_values=top_values,
-                rest_positions=_to_host(ranked[..., width:]),
+                rest_positions=_to_host(columns[..., width:]),
                 rest_keys=_to_host(rest_keys),
                 rest_values=_to_host(rest_values),
             )
             # Until the budgets are known the layer holds its provisional best tokens only.
-            self.cache.layers[layer] = _finish(ranked[..., :width], top_keys, top_values, self.avg_budget.to(keys.device), keys.shape[2])
-        self.bar.update(1)
+            self.cache.layers[layer] = _finish(columns[..., :width], top_keys, top_values, self.avg_budget.to(scores.device), seq)
+        if self.final:
+            self.bar.update(1)
+
+    # ------------------------------------------------------------------------------------ the end
 
     def finalize(self) -> ZigZagCache:
         self.bar.close()
@@ -212,7 +302,8 @@ class _LayerwiseCompressor:
         lmba = None
         if self.budgets is None:
             lmba = torch.stack(self.lmba, dim=1).cpu()
-            self.budgets = self.allocator.allocate(self.avg_budget.cpu(), ctx.lengths.cpu(), self.num_layers, lmba)
+            # A layer can keep at most what it holds (all the row's tokens, unless chunks were cut already).
+            self.budgets = self.allocator.allocate(self.avg_budget.cpu(), self.pool, self.num_layers, lmba)
             device = ctx.input_ids.device
             width = int(self.avg_budget.max())
             # Shrink first, grow after: the cache never holds more than its final size plus one layer.
@@ -230,6 +321,14 @@ class _LayerwiseCompressor:
         return ZigZagCache(self.cache.layers, budgets=self.budgets, lmba=lmba)
 
 
+def _chunk_bounds(seq: int, chunk_size: int | None) -> list[tuple[int, int]]:
+    """Column ranges covering ``seq``; the last chunk is full, the first takes the remainder."""
+    if chunk_size is None or chunk_size >= seq:
+        return [(0, seq)]
+    ends = list(range(seq, 0, -chunk_size))[::-1]
+    return [(0 if k == 0 else ends[k - 1], end) for k, end in enumerate(ends)]
+
+
 @torch.no_grad()
 def compress_cache(
     model: nn.Module,
@@ -239,6 +338,7 @@ def compress_cache(
     budget: str | BudgetAllocator = "zigzag",
     *,
     merge=None,
+    chunk_size: int | None = None,
     progress: bool = False,
 ) -> ZigZagCache:
     """Prefill ``inputs`` and return a compressed cache that keeps ``1 - ratio`` of it.
@@ -260,6 +360,11 @@ def compress_cache(
             such as ``CosineMerge(threshold=0.2, preserve_mass=True)``: evicted tokens are folded into
             the most similar survivor's value; with ``preserve_mass``, attention adds ``log(count)``
             to each survivor's logit.
+        chunk_size: prefill at most this many tokens per forward pass. After each chunk every layer
+            is cut back to ``(1 - ratio)`` of the tokens seen so far (uniformly: the allocator only
+            shares the last chunk's budget, between what the layers then hold), so peak memory is
+            the budget plus one chunk, not the context. Scorers see each chunk's own queries. None
+            (default): one pass, and the result equals ``prefill_context(...).compress(...)``.
         progress: show a progress bar over layers.
 
     Returns:
@@ -272,16 +377,20 @@ def compress_cache(
     merger = get_merge(merge)
     _check_model(model)
     ctx = _as_context(inputs, next(model.parameters()).device)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
+    bounds = _chunk_bounds(ctx.input_ids.shape[1], chunk_size)
+    if len(bounds) > 1:
+        if merger is not None:
+            raise ValueError("merge is not supported with chunk_size yet: merge after an unchunked prefill")
+        wanted = _query_window_needed(scorer, allocator)
+        if chunk_size < wanted:
+            raise ValueError(
+                f"chunk_size must be at least the {wanted} last queries {scorer.name} / {allocator.name} read; got {chunk_size}"
+            )
+        if hasattr(allocator, "split_heads"):
+            raise ValueError(f"budget {allocator.name!r} (head-wise) is not supported with chunk_size yet")
     work = _LayerwiseCompressor(model, ctx, ratio, scorer, allocator, merger, progress)
-    queries = ((_query_projection(a), work.capture.hook(i)) for i, a in enumerate(work.attentions))
-    after = ((a, work.hook(i)) for i, a in enumerate(work.attentions))
-    with _hooks(list(queries) + list(after)):
-        model(
-            input_ids=ctx.input_ids,
-            attention_mask=ctx.valid.long(),
-            position_ids=ctx.positions,
-            past_key_values=work.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+    for k, (start, end) in enumerate(tqdm(bounds, desc="chunks", disable=not progress or len(bounds) == 1)):
+        work.run_chunk(start, end, final=k == len(bounds) - 1)
     return work.finalize()

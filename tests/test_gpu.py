@@ -53,3 +53,36 @@ def test_cuda_memory_is_freed_and_generate_runs():
     assert held <= cache.nbytes() + 64 * 1024  # nothing but the compressed cache stays allocated
     out = model.generate(input_ids=torch.cat([ids, ids[:, :5]], -1), past_key_values=copy.copy(cache), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 4010)
+
+
+@pytest.mark.parametrize("budget", ["zigzag", "uniform"])
+def test_cuda_layerwise_with_host_offload_equals_full_prefill(budget):
+    """On CUDA the provisional layers go to pinned host memory on a side stream; nothing may change."""
+    from zigzag import prefill_context
+    from zigzag.merge import CosineMerge
+
+    model = tiny_llama("sdpa", layers=4).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 3000), device="cuda")
+    for merge in (None, CosineMerge(preserve_mass=True)):
+        ours = compress_cache(model, ids, 0.6, "expected_attention", budget, merge=merge)
+        ref = prefill_context(model, ids).compress(0.6, "expected_attention", budget, merge=merge)
+        assert torch.equal(ours.budgets, ref.budgets)
+        for a, b in zip(ours.layers, ref.layers):
+            assert torch.equal(a.kept_positions, b.kept_positions)
+            assert torch.equal(a.keys, b.keys)
+            torch.testing.assert_close(a.values, b.values, rtol=1e-2, atol=1e-2)
+
+
+def test_cuda_chunked_prefill_peak_memory_follows_the_budget():
+    model = tiny_llama("sdpa", layers=4).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 16384), device="cuda")
+    peaks = {}
+    for chunk in (None, 1024):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        cache = compress_cache(model, ids, 0.875, "knorm", "uniform", chunk_size=chunk)
+        torch.cuda.synchronize()
+        peaks[chunk] = torch.cuda.max_memory_allocated() - base
+        del cache
+    assert peaks[1024] < 0.5 * peaks[None]

@@ -92,12 +92,26 @@ class _Provisional:
         return ranked, keys.gather(2, order), values.gather(2, order)
 
 
+_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
 def _to_host(t: torch.Tensor) -> torch.Tensor:
-    if t.device.type == "cpu":
+    """Start copying ``t`` to pinned host memory on a side stream, so the next layers' compute overlaps
+    the transfer; :func:`_host_ready` must run before the copy is read."""
+    if t.device.type != "cuda":
         return t
+    stream = _COPY_STREAMS.setdefault(t.device, torch.cuda.Stream(t.device))
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
+    stream.wait_stream(torch.cuda.current_stream(t.device))
+    with torch.cuda.stream(stream):
+        host.copy_(t, non_blocking=True)
+    t.record_stream(stream)  # keep t's memory from being reused before the copy has read it
     return host
+
+
+def _host_ready(device: torch.device) -> None:
+    if device.type == "cuda" and device in _COPY_STREAMS:
+        torch.cuda.current_stream(device).wait_stream(_COPY_STREAMS[device])
 
 
 def _take_ranked(ranked: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,6 +319,7 @@ class _LayerwiseCompressor:
             # A layer can keep at most what it holds (all the row's tokens, unless chunks were cut already).
             self.budgets = self.allocator.allocate(self.avg_budget.cpu(), self.pool, self.num_layers, lmba)
             device = ctx.input_ids.device
+            _host_ready(device)
             width = int(self.avg_budget.max())
             # Shrink first, grow after: the cache never holds more than its final size plus one layer.
             order = sorted(range(self.num_layers), key=lambda i: int(self.budgets[:, i].max()) > width)

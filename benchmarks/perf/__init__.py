@@ -1,0 +1,1 @@
+"""Speed and memory benchmark: ``python -m benchmarks.perf`` (see run.py)."""

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from zigzag.api import (
     _QueryCapture,
@@ -56,14 +57,15 @@ class _Provisional:
     """One layer waiting for its final budget (LMBA allocators).
 
     ``top_*``: the ``width`` best tokens of each (row, head) on the accelerator, best first;
-    ``rest_*``: all the others, best first, in host memory. Positions are ``input_ids`` columns.
+    ``rest_*``: all the others, best first, in host memory, rank-major so that fetching the next
+    best ``n`` is one contiguous copy. Positions are ``input_ids`` columns.
     """
 
     top_positions: torch.Tensor  # (batch, kv_heads, width) long
     top_keys: torch.Tensor  # (batch, kv_heads, width, head_dim)
     top_values: torch.Tensor
-    rest_positions: torch.Tensor  # (batch, kv_heads, seq - width) long, host
-    rest_keys: torch.Tensor  # (batch, kv_heads, seq - width, head_dim), host
+    rest_positions: torch.Tensor  # (seq - width, batch, kv_heads) long, host
+    rest_keys: torch.Tensor  # (seq - width, batch, kv_heads, head_dim), host
     rest_values: torch.Tensor
 
     def best(self, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -74,9 +76,9 @@ class _Provisional:
         more = count - width
 
         def fetch(t: torch.Tensor) -> torch.Tensor:
-            return t[..., :more, :].to(device, non_blocking=True)
+            return t[:more].to(device, non_blocking=True).movedim(0, -2)
 
-        positions = self.rest_positions[..., :more].to(device, non_blocking=True)
+        positions = self.rest_positions[:more].to(device, non_blocking=True).movedim(0, -1)
         return (
             torch.cat([self.top_positions, positions], dim=-1),
             torch.cat([self.top_keys, fetch(self.rest_keys)], dim=-2),
@@ -86,7 +88,7 @@ class _Provisional:
     def full(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All positions best first, and the uncompressed ``(batch, kv_heads, seq, head_dim)`` keys and
         values in column order again (merging needs every evicted token)."""
-        seq = self.top_positions.shape[-1] + self.rest_positions.shape[-1]
+        seq = self.top_positions.shape[-1] + self.rest_positions.shape[0]
         ranked, keys, values = self.best(seq, device)
         order = ranked.argsort(dim=-1)[..., None].expand_as(keys)
         return ranked, keys.gather(2, order), values.gather(2, order)
@@ -299,12 +301,12 @@ class _LayerwiseCompressor:
                 top_positions=columns[..., :width],
                 top_keys=top_keys,
                 top_values=top_values,
-                rest_positions=_to_host(columns[..., width:]),
-                rest_keys=_to_host(rest_keys),
-                rest_values=_to_host(rest_values),
+                rest_positions=_to_host(columns[..., width:].movedim(-1, 0).contiguous()),
+                rest_keys=_to_host(rest_keys.movedim(-2, 0).contiguous()),
+                rest_values=_to_host(rest_values.movedim(-2, 0).contiguous()),
             )
-            # Until the budgets are known the layer holds its provisional best tokens only.
-            self.cache.layers[layer] = _finish(columns[..., :width], top_keys, top_values, self.avg_budget.to(scores.device), seq)
+            # Nothing reads this layer again during the forward: hold no copy until the budgets are known.
+            self.cache.layers[layer] = DynamicLayer()
         if self.final:
             self.bar.update(1)
 

@@ -74,7 +74,14 @@ def test_cuda_layerwise_with_host_offload_equals_full_prefill(budget):
 
 
 def test_cuda_chunked_prefill_peak_memory_follows_the_budget():
-    model = tiny_llama("sdpa", layers=4).to("cuda", torch.bfloat16)
+    # Wide KV heads so that one layer's keys and values, not the tiny MLP, set the unchunked peak.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=512, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=32768)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval().to("cuda", torch.bfloat16)
+    model.set_attn_implementation("sdpa")
     ids = torch.randint(0, 128, (1, 16384), device="cuda")
     peaks = {}
     for chunk in (None, 1024):
@@ -85,4 +92,77 @@ def test_cuda_chunked_prefill_peak_memory_follows_the_budget():
         torch.cuda.synchronize()
         peaks[chunk] = torch.cuda.max_memory_allocated() - base
         del cache
-    assert peaks[1024] < 0.5 * peaks[None]
+    assert peaks[1024] < 0.5 * peaks[None], peaks
+
+
+# ---------------------------------------------------------------------------------------------- varlen layout (issue 6)
+
+
+@pytest.mark.parametrize("backend", ["segment", "flex"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_adakv_varlen_matches_masked_reference(attn, dtype, backend, monkeypatch):
+    """Head-wise budgets on CUDA: the varlen layout, attended by the segment path (the default) or by
+    compiled flex_attention (opt-in), equals the masked reference through a multi-token continuation
+    and decoding steps."""
+    from zigzag import prefill_context, varlen
+    from zigzag.varlen import VarlenLayer, get_backend
+
+    monkeypatch.setattr(varlen, "_backend", backend)
+
+    model = tiny_llama(attn, layers=4).to("cuda", dtype)
+    batch, seq, q = 2, 300, 7
+    ids = torch.randint(0, 128, (batch, seq), device="cuda")
+    mask = torch.ones(batch, seq, dtype=torch.long, device="cuda")
+    mask[1, :41] = 0
+    ctx = {"input_ids": ids, "attention_mask": mask}
+    pre = prefill_context(model, ctx)
+    cache = pre.compress(0.6, "knorm", "adakv")
+    assert get_backend(torch.device("cuda")) == backend
+    assert all(isinstance(layer, VarlenLayer) for layer in cache.layers)
+    reference = copy.deepcopy(pre.cache)
+    keep = keep_masks(cache.kept_positions, seq)
+    new_ids = torch.randint(0, 128, (batch, q), device="cuda")
+    mask = torch.cat([mask, torch.ones(batch, q, dtype=torch.long, device="cuda")], dim=-1)
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    for step in range(4):
+        positions = (mask.cumsum(-1) - 1)[:, -new_ids.shape[1] :]
+        kwargs = {"input_ids": new_ids, "attention_mask": mask, "position_ids": positions}
+        with torch.no_grad():
+            ours = model(past_key_values=cache, **kwargs).logits
+            with masked_reference(model, keep):
+                ref = model(past_key_values=reference, **kwargs).logits
+        assert (ours.float() - ref.float()).abs().max().item() < tol, f"step {step}"
+        new_ids = ref[:, -1:].argmax(-1)
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device="cuda")], dim=-1)
+
+
+def test_cuda_random_varlen_cache_frees_memory_and_equals_dense():
+    from zigzag.cache import ZigZagCache, random_cache
+    from zigzag.varlen import VarlenLayer
+
+    model = tiny_llama("sdpa", layers=4).to("cuda", torch.bfloat16)
+    batch, kv_heads, head_dim, length = 2, 2, 16, 3000
+    gen = torch.Generator().manual_seed(0)
+    budgets = torch.randint(20, 2500, (batch, 4, kv_heads), generator=gen)
+    dense = random_cache(batch, kv_heads, head_dim, budgets, device="cuda", layout="dense", original_length=length)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    varlen = ZigZagCache(
+        [VarlenLayer.from_padded(l.keys, l.values, l.kept_positions, length) for l in dense.layers], budgets=dense.budgets
+    )
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - base
+    assert varlen.nbytes() < dense.nbytes()
+    assert held <= varlen.nbytes() + 64 * 1024
+    ids = torch.randint(0, 128, (batch, 5), device="cuda")
+    mask = torch.ones(batch, length + 5, dtype=torch.long, device="cuda")
+    positions = torch.arange(length, length + 5, device="cuda").expand(batch, -1)
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=dense).logits
+        b = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=varlen).logits
+    assert (a.float() - b.float()).abs().max().item() < 5e-2
+    prompt = torch.randint(0, 128, (batch, length + 5 + 3), device="cuda")  # the cache already holds length + 5
+    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), past_key_values=varlen,
+                         max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (batch, length + 13)

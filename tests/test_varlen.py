@@ -1,0 +1,317 @@
+"""The varlen layout (head-wise budgets stored flat): exact against the masked float64 reference,
+its memory, and its two prefix backends (plain PyTorch segments and flex_attention, uncompiled here)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+
+import pytest
+import torch
+
+from tests.conftest import tiny_llama
+from tests.reference import keep_masks, masked_reference
+from zigzag import prefill_context, varlen
+from zigzag.api import build_layer, gather_slots
+from zigzag.cache import CompressedLayer, ZigZagCache, random_cache
+from zigzag.merge import CosineMerge
+from zigzag.varlen import VarlenLayer, segment_attention
+
+BACKENDS = ["segment", "flex_eager"]
+
+
+@contextlib.contextmanager
+def backend(name: str, kv_block: int = 16):
+    """Use ``name`` for varlen prefixes; flex with small KV blocks so that pieces and blocks are many."""
+    old_backend, old_block = varlen._backend, varlen.KV_BLOCK
+    varlen.set_backend(name)
+    varlen.KV_BLOCK = kv_block
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            yield
+    finally:
+        varlen._backend, varlen.KV_BLOCK = old_backend, old_block
+
+
+@contextlib.contextmanager
+def attention(model, name: str):
+    original = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(original)
+
+
+def _naive(q, keys, values, offsets, bias, scale):
+    """Per-segment float64 softmax, one Python loop (test only)."""
+    outs, lses = [], []
+    for z in range(q.shape[0]):
+        s, e = int(offsets[z]), int(offsets[z + 1])
+        if e == s:
+            outs.append(torch.zeros(q.shape[1], q.shape[2], dtype=torch.float64))
+            lses.append(torch.full((q.shape[1],), float("-inf"), dtype=torch.float64))
+            continue
+        logits = q[z].double() @ keys[s:e].double().T * scale
+        if bias is not None:
+            logits = logits + bias[s:e].double()
+        outs.append(logits.softmax(-1) @ values[s:e].double())
+        lses.append(logits.logsumexp(-1))
+    return torch.stack(outs), torch.stack(lses)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_prefix_backends_equal_a_per_segment_softmax(name, with_bias):
+    gen = torch.Generator().manual_seed(5)
+    lengths = torch.tensor([[40, 0, 3], [90, 17, 1], [60, 33, 128]])  # an empty head, skewed heads
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.flatten().cumsum(0)])
+    total, d, m = int(lengths.sum()), 16, 6
+    keys, values = torch.randn(total, d, generator=gen), torch.randn(total, d, generator=gen)
+    q = torch.randn(lengths.numel(), m, d, generator=gen)
+    bias = torch.rand(total, generator=gen) if with_bias else None
+    ref_out, ref_lse = _naive(q, keys, values, offsets, bias, 0.25)
+    with backend(name):
+        layer = VarlenLayer(keys, values, torch.arange(total), lengths, 400, bias)
+        layer.piece_size = lambda: 32  # pieces of at most 32 slots: long heads are cut in several
+        args = layer._prefix_args(name) + (bias,)
+        if name == "segment":
+            out, lse = segment_attention(q, *args, scale=0.25)
+        else:
+            out, lse = varlen._flex_pieces(q, *args, scale=0.25)
+            assert int((layer._pieces[5] < layer._pieces[0].shape[0]).sum()) > lengths.numel()  # really cut
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=0)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    torch.testing.assert_close(lse.double().nan_to_num(0, 0, 0), ref_lse.nan_to_num(0, 0, 0), atol=1e-5, rtol=0)
+
+
+def _prefill(model, ids, mask):
+    return prefill_context(model, {"input_ids": ids, "attention_mask": mask}, window=0, query_stats_skip=None).cache
+
+
+def _skewed_selection(mask: torch.Tensor, kv_heads: int, width: int, gen: torch.Generator) -> torch.Tensor:
+    """Random kept columns per (row, head), head h keeping ``width - 5 h`` (row 1: 2 fewer): heads differ."""
+    batch, _seq = mask.shape
+    kept = torch.full((batch, kv_heads, width), -1, dtype=torch.long)
+    for b in range(batch):
+        real = mask[b].nonzero().flatten()
+        for h in range(kv_heads):
+            n = min(width - 5 * h - 2 * b, len(real))
+            kept[b, h, width - n :] = real[torch.randperm(len(real), generator=gen)[:n]].sort().values
+    return kept
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_varlen_layers_match_masked_reference_while_decoding(attn, name):
+    model = tiny_llama(attn, seed=2)
+    gen = torch.Generator().manual_seed(7)
+    batch, seq, q = 2, 40, 5
+    ids = torch.randint(0, 128, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, :6] = 0
+    full = _prefill(model, ids, mask)
+    layers, dense = [], []
+    for layer, width in zip(full.layers, [20, 14, 26]):
+        kept = _skewed_selection(mask, layer.keys.shape[1], width, gen)
+        built = build_layer(layer.keys, layer.values, kept, mask.bool())
+        assert isinstance(built, VarlenLayer) and torch.equal(built.kept_positions, kept)
+        layers.append(built)
+        dense.append(CompressedLayer(gather_slots(layer.keys, kept), gather_slots(layer.values, kept), kept, seq))
+    cache = ZigZagCache(layers, budgets=torch.zeros(batch, 3, dtype=torch.long))
+    dense_cache = ZigZagCache(dense, budgets=torch.zeros(batch, 3, dtype=torch.long))
+    keep = keep_masks(cache.kept_positions, seq)
+    reference = copy.deepcopy(full)
+    new_ids = torch.randint(0, 128, (batch, q), generator=gen)
+    mask = torch.cat([mask, torch.ones(batch, q, dtype=torch.long)], dim=-1)
+    with backend(name):
+        for step in range(3):  # a multi-token continuation, then single decoding steps
+            positions = (mask.cumsum(-1) - 1)[:, -new_ids.shape[1] :]
+            kwargs = {"input_ids": new_ids, "attention_mask": mask, "position_ids": positions}
+            with torch.no_grad():
+                ours = model(past_key_values=cache, **kwargs).logits
+                padded = model(past_key_values=dense_cache, **kwargs).logits
+                with masked_reference(model, keep):
+                    ref = model(past_key_values=reference, **kwargs).logits
+            torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0, msg=f"step {step}")
+            torch.testing.assert_close(ours, padded, atol=1e-4, rtol=0, msg=f"step {step}")
+            new_ids = ours[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=-1)
+    assert cache.get_seq_length() == seq + q + 2
+    assert [layer.appended for layer in cache.layers] == [q + 2] * 3
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_adakv_generate_and_merge_match_masked_reference(attn):
+    """Stock greedy generate on AdaKV budgets, batch 2 with left padding; then merge with log(count)."""
+    model = tiny_llama(attn, seed=4)
+    gen = torch.Generator().manual_seed(3)
+    batch, seq, q = 2, 48, 3
+    ids = torch.randint(0, 128, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, :5] = 0
+    ctx = {"input_ids": ids, "attention_mask": mask}
+    pre = prefill_context(model, ctx)
+    cache = pre.compress(0.5, "knorm", "adakv")
+    assert all(isinstance(layer, VarlenLayer) for layer in cache.layers)
+    keep = keep_masks(cache.kept_positions, seq)
+    prompt = torch.cat([ids, torch.randint(0, 128, (batch, q), generator=gen)], dim=-1)
+    prompt_mask = torch.cat([mask, torch.ones(batch, q, dtype=torch.long)], dim=-1)
+    kwargs = {"input_ids": prompt, "attention_mask": prompt_mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    ours = model.generate(past_key_values=cache, **kwargs)
+    with masked_reference(model, keep):
+        ref = model.generate(past_key_values=copy.deepcopy(pre.cache), **kwargs)
+    assert torch.equal(ours, ref)
+
+    merged = pre.compress(0.5, "knorm", "adakv", merge=CosineMerge(preserve_mass=True))
+    assert all(isinstance(layer, VarlenLayer) and layer.prefix_bias is not None for layer in merged.layers)
+    reference, biases = _merged_reference(pre.cache, merged)
+    new = torch.randint(0, 128, (batch, q), generator=gen)
+    full_mask = torch.cat([mask, torch.ones(batch, q, dtype=torch.long)], dim=-1)
+    positions = (full_mask.cumsum(-1) - 1)[:, -q:]
+    with torch.no_grad():
+        out = model(input_ids=new, attention_mask=full_mask, position_ids=positions, past_key_values=merged).logits
+        with masked_reference(model, keep_masks(merged.kept_positions, seq), biases):
+            ref = model(input_ids=new, attention_mask=full_mask, position_ids=positions, past_key_values=reference).logits
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def _merged_reference(full, merged: ZigZagCache):
+    """A copy of the full cache with each varlen layer's merged values written at its kept columns,
+    and per layer the ``(batch, kv_heads, seq)`` log(count) bias at those columns."""
+    reference, biases = copy.deepcopy(full), []
+    for layer, ref_layer in zip(merged.layers, reference.layers):
+        batch, kv_heads = layer.head_lengths.shape
+        z = torch.arange(batch * kv_heads).repeat_interleave(layer.head_lengths.flatten().cpu())
+        rows, heads, cols = z // kv_heads, z % kv_heads, layer.positions.long().cpu()
+        ref_layer.values[rows, heads, cols] = layer.prefix_values  # merged values at the kept columns
+        bias = torch.zeros(batch, kv_heads, ref_layer.keys.shape[2])
+        bias[rows, heads, cols] = layer.prefix_bias
+        biases.append(bias)
+    return reference, biases
+
+
+def test_uniform_budgets_keep_the_dense_layout():
+    keys = torch.randn(2, 3, 10, 8)
+    kept = torch.tensor([[[0, 2, 5]] * 3, [[-1, 4, 9]] * 3])  # rows differ, heads of a row agree
+    assert isinstance(build_layer(keys, keys, kept, torch.ones(2, 10, dtype=torch.bool)), CompressedLayer)
+    kept[1, 2, 0] = 7
+    assert isinstance(build_layer(keys, keys, kept.sort(-1).values, torch.ones(2, 10, dtype=torch.bool)), VarlenLayer)
+
+
+def test_varlen_memory_is_the_sum_of_budgets():
+    batch, _layers, kv_heads, head_dim = 2, 3, 4, 16
+    budgets = torch.tensor([[[100, 10, 10, 0], [30, 30, 30, 30], [5, 200, 1, 9]], [[1, 2, 3, 4], [60, 0, 0, 0], [7, 7, 7, 70]]])
+    cache = random_cache(batch, kv_heads, head_dim, budgets, dtype=torch.bfloat16, device="cpu", original_length=300)
+    dense = random_cache(batch, kv_heads, head_dim, budgets, dtype=torch.bfloat16, device="cpu", layout="dense", original_length=300)
+    assert all(isinstance(layer, VarlenLayer) for layer in cache.layers)
+    index = sum(layer.index_nbytes() for layer in cache.layers)
+    assert index == sum(4 * int(b.sum()) + 8 * (batch * kv_heads + 1) + 8 * batch * kv_heads for b in budgets.unbind(1))
+    assert cache.nbytes() == int(budgets.sum()) * 2 * head_dim * 2 + index
+    assert cache.nbytes() < 0.5 * dense.nbytes()  # the dense layout pays for the widest head everywhere
+    for a, b in zip(cache.kept_positions, dense.kept_positions):
+        assert torch.equal(a, b)
+    auto = random_cache(batch, kv_heads, head_dim, budgets[:, :, :1].expand(-1, -1, kv_heads), device="cpu")
+    assert all(isinstance(layer, CompressedLayer) for layer in auto.layers)  # uniform heads: dense
+    # Appending tokens grows the tail buffer by doubling, counted in nbytes.
+    layer = cache.layers[0]
+    before = layer.nbytes()
+    layer.update(torch.randn(batch, kv_heads, 3, head_dim).bfloat16(), torch.randn(batch, kv_heads, 3, head_dim).bfloat16())
+    assert layer.nbytes() == before + 2 * batch * kv_heads * 64 * head_dim * 2
+    assert layer.get_seq_length() == 303 and layer.keys.shape == (batch, kv_heads, 3, head_dim)
+
+
+def test_batch_selection_crop_and_kept_positions():
+    gen = torch.Generator().manual_seed(0)
+    kept = torch.tensor([[[-1, 1, 4], [0, 2, 3]], [[-1, -1, 5], [-1, 1, 2]]])
+    keys = torch.randn(2, 2, 3, 8, generator=gen)
+    layer = VarlenLayer.from_padded(keys, keys * 2, kept, original_length=6)
+    assert torch.equal(layer.kept_positions, kept) and layer.width == 3
+    layer.update(torch.randn(2, 2, 2, 8), torch.randn(2, 2, 2, 8))
+    tail = layer.keys.clone()
+    layer.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(layer.kept_positions, kept[1:, :, 1:]) and layer.width == 2
+    assert torch.equal(layer.prefix_keys, keys[1][kept[1] >= 0]) and torch.equal(layer.keys, tail[1:])
+    layer.batch_repeat_interleave(2)
+    assert torch.equal(layer.kept_positions, kept[[1, 1], :, 1:]) and layer.keys.shape[0] == 2
+    layer.crop(-1)
+    assert layer.get_seq_length() == 7
+    with pytest.raises(ValueError, match="appended after compression"):
+        layer.crop(-2)
+
+
+# ---------------------------------------------------------------------------------------------- SmolLM2
+
+
+def _batch(tok, lengths=(200, 140), seed=11):
+    from zigzag.needle import needle_prompt
+
+    prompts = [needle_prompt(tok, n, depth=0.4, seed=seed + i) for i, n in enumerate(lengths)]
+    ctx = tok([p.context for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+    question = tok(prompts[0].question, return_tensors="pt", add_special_tokens=False).input_ids
+    return ctx, question.expand(len(prompts), -1)
+
+
+def _continuation_logits(model, ctx, question, cache):
+    ids = torch.cat([ctx.input_ids, question], dim=-1)
+    mask = torch.cat([ctx.attention_mask, torch.ones_like(question)], dim=-1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -question.shape[1] :]
+    with torch.no_grad():
+        return model(input_ids=ids[:, -question.shape[1] :], attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attn, merge", [("sdpa", False), ("eager", False), ("sdpa", True)])
+def test_smollm2_adakv_varlen_equals_masked_full_cache(smollm2, attn, merge):
+    """SmolLM2, batch 2 with left padding, a multi-token continuation: the varlen AdaKV cache (merged
+    with log(count) bias, or not) gives the logits of the masked float64 full cache."""
+    model, tok = smollm2
+    ctx, question = _batch(tok)
+    seq = ctx.input_ids.shape[1]
+    with attention(model, attn):
+        pre = prefill_context(model, ctx)
+        cache = pre.compress(0.6, "snapkv", "adakv", merge=CosineMerge(preserve_mass=True) if merge else None)
+        assert sum(isinstance(layer, VarlenLayer) for layer in cache.layers) > 20
+        held = cache.nbytes()  # before any token is appended
+        ours = _continuation_logits(model, ctx, question, cache)
+        full, biases = _merged_reference(pre.cache, cache) if merge else (pre.cache, None)
+        with masked_reference(model, keep_masks(cache.kept_positions, seq), biases):
+            ref = _continuation_logits(model, ctx, question, full)
+    assert (ours - ref).abs().max().item() < 1e-3
+    padded_bytes = sum(2 * p.numel() * 64 * 4 for p in cache.kept_positions)  # head_dim 64, float32
+    assert held < padded_bytes
+
+
+def test_compiled_flex_path_traces_whole_on_cpu():
+    """The CUDA path's graph (flex_attention with its BlockMask built inside, the tail, the merge) is
+    traced by torch.compile with fullgraph=True; inductor's CPU flex lacks the log-sum-exp output, so
+    this runs the traced graph with the aot_eager backend and compares it with the segment backend."""
+    torch._dynamo.reset()
+    model = tiny_llama("sdpa", seed=6)
+    gen = torch.Generator().manual_seed(1)
+    batch, seq = 2, 40
+    ids = torch.randint(0, 128, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, :4] = 0
+    cache = prefill_context(model, {"input_ids": ids, "attention_mask": mask}).compress(0.5, "knorm", "adakv")
+    other = copy.deepcopy(cache)
+    old = varlen.COMPILE_BACKEND, varlen._compiled
+    varlen.COMPILE_BACKEND, varlen._compiled = "aot_eager", None
+    try:
+        new_ids = torch.randint(0, 128, (batch, 4), generator=gen)
+        full_mask = torch.cat([mask, torch.ones(batch, 4, dtype=torch.long)], dim=-1)
+        for step in range(3):
+            positions = (full_mask.cumsum(-1) - 1)[:, -new_ids.shape[1] :]
+            kwargs = {"input_ids": new_ids, "attention_mask": full_mask, "position_ids": positions}
+            with torch.no_grad(), backend("flex", kv_block=16):
+                compiled = model(past_key_values=cache, **kwargs).logits
+            with torch.no_grad(), backend("segment"):
+                plain = model(past_key_values=other, **kwargs).logits
+            torch.testing.assert_close(compiled, plain, atol=1e-4, rtol=0, msg=f"step {step}")
+            new_ids = plain[:, -1:].argmax(-1)
+            full_mask = torch.cat([full_mask, torch.ones(batch, 1, dtype=torch.long)], dim=-1)
+    finally:
+        varlen.COMPILE_BACKEND, varlen._compiled = old
+        torch._dynamo.reset()

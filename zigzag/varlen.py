@@ -1,0 +1,772 @@
+"""A compressed layer whose KV heads physically hold different numbers of tokens (head-wise budgets).
+
+With head-wise budgets (AdaKV), the heads of one layer keep different numbers of tokens. The dense
+:class:`~zigzag.cache.CompressedLayer` stores ``(batch, kv_heads, widest head, head_dim)`` and masks
+the empty slots, so memory is that of the widest head. :class:`VarlenLayer` stores instead every
+``(row, kv head)`` segment back to back:
+
+    prefix_keys / prefix_values: (total, head_dim),  total = sum of the per-(row, head) budgets
+    offsets:                      (batch * kv_heads + 1,) long; segment z = row * kv_heads + head
+                                  occupies slots offsets[z] : offsets[z + 1]
+    positions:                    (total,) int32, the input_ids column each slot came from (ascending
+                                  inside a segment)
+    prefix_bias:                  (total,) float32 log(count) of merged survivors, or None
+
+so memory is the sum of the budgets plus 4 bytes per slot and 8 bytes per segment of index. Tokens
+appended after compression (the question, decoding) go to a dense tail ``(batch, kv_heads, n, head_dim)``
+kept in a buffer that grows by doubling, so a decoding step writes one token in place instead of
+copying the layer.
+
+Attention over such a layer is exact: the compressed prefix and the dense tail are two partial
+softmaxes, each with its log-sum-exp, combined as
+
+    lse = logaddexp(lse_prefix, lse_tail)
+    out = out_prefix * exp(lse_prefix - lse) + out_tail * exp(lse_tail - lse)
+
+The tail is ordinary attention under the model's own mask (causal and padding), which transformers
+builds for the appended tokens only (see :mod:`zigzag.attention`). The prefix has two backends:
+
+* ``"segment"`` (the default on CPU): plain PyTorch on the flat layout, one segment softmax over all
+  slots at once (``index_reduce`` / ``index_add``), no padding and no Python loop over heads.
+* ``"flex"`` (the default on CUDA): ``torch.nn.attention.flex_attention`` compiled with
+  ``torch.compile``. Each segment is cut into pieces that lie inside one window of ``piece_size``
+  slots (a multiple of the 128-slot KV block); every piece is one "batch" entry of the flex call with
+  its segment's queries, the keys and values are the flat layout passed as ``(1, 1, total, head_dim)``
+  (flex broadcasts a key batch of 1), and a :class:`BlockMask` built once per layer restricts each
+  piece to its own slots. Pieces, not segments, so that a head holding three times the average
+  budget does not make one thread block do three times the work: the work per block is at most
+  ``piece_size`` slots whatever the skew. The pieces' partial results are merged per segment by
+  log-sum-exp. ``"flex_eager"`` is the same computation uncompiled (tests on CPU).
+
+Choose with :func:`set_backend` or the ``ZIGZAG_VARLEN_BACKEND`` environment variable.
+
+Under the model's own attention code the layer returns its tail keys as :class:`VarlenKeys`, a tensor
+subclass that, like :class:`~zigzag.attention.RaggedKeys`, intercepts SDPA and eager's
+``matmul -> scale -> + mask -> softmax -> matmul`` through ``__torch_function__`` and adds the prefix
+there. Nothing is patched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
+
+from zigzag.attention import (
+    _ADD_OPS,
+    _KEY_VIEW_OPS,
+    _MATMUL_OPS,
+    _SCALE_OPS,
+    MASK_LOOKBACK,
+    _plain,
+)
+
+KV_BLOCK = 128
+"""Slots per KV block of the flex BlockMask (flex_attention's default sparse block size)."""
+
+BACKENDS = ("auto", "segment", "flex", "flex_eager")
+_backend = os.environ.get("ZIGZAG_VARLEN_BACKEND", "auto")
+
+
+def set_backend(name: str) -> None:
+    """Choose how the compressed prefix of a varlen layer is attended.
+
+    Args:
+        name: ``"auto"`` (segment everywhere for now), ``"segment"``, ``"flex"`` (compiled with
+            torch.compile; experimental, see below) or ``"flex_eager"`` (flex uncompiled: slow, for
+            tests).
+
+    The compiled flex path passed its CUDA tests and ran the Llama-3.1-8B-shape benchmark at batch 1,
+    but in the SmolLM2 sweep (batch 50, 3 KV heads, head_dim 64) it hit a CUDA illegal memory access
+    inside the inductor-generated kernel (benchmarks/RESULTS.md). Until that is understood, ``"auto"``
+    never picks it: a slow exact path beats a crash.
+    """
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown varlen backend {name!r}; known: {', '.join(BACKENDS)}")
+    _backend = name
+
+
+def get_backend(device: torch.device) -> str:
+    """The backend :func:`set_backend` chose, with ``"auto"`` resolved for ``device``."""
+    if _backend == "auto":
+        return "segment"
+    return _backend
+
+
+# ---------------------------------------------------------------------------------------------- math
+
+
+def _tail_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``query`` over the appended tokens, with its log-sum-exp, in float32.
+
+    Args:
+        query: ``(batch, Hq, rows, d)``.
+        keys, values: ``(batch, kh, n, d)`` with ``Hq % kh == 0`` (GQA groups are consecutive heads).
+        mask: ``(batch or 1, 1 or Hq, rows or 1, n)`` bool (True = attend) or additive float; None: all
+            visible when ``causal`` is False or ``rows == 1``, else causal aligned to the end.
+
+    Returns:
+        ``out (batch, Hq, rows, d)`` float32 and ``lse (batch, Hq, rows)`` float32.
+    """
+    b, hq, rows, d = query.shape
+    kh, n = keys.shape[1], keys.shape[2]
+    g = hq // kh
+    # GQA without repeating the keys: the g query heads of a key head become a leading group axis.
+    q5 = query.float().reshape(b, kh, g, rows, d)
+    scores = (q5 @ keys.float()[:, :, None].transpose(-1, -2)) * scale  # (b, kh, g, rows, n)
+    if mask is None:
+        if causal and rows > 1:
+            i = torch.arange(rows, device=query.device)[:, None]
+            j = torch.arange(n, device=query.device)[None, :]
+            scores = scores.masked_fill(j > i + (n - rows), float("-inf"))
+    else:
+        m5 = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(mask.shape[0], kh, g, *mask.shape[2:])
+        if m5.dtype == torch.bool:
+            scores = scores.masked_fill(~m5, float("-inf"))
+        else:
+            scores = scores + m5.float()
+    lse = scores.logsumexp(dim=-1)  # (b, kh, g, rows)
+    probs = torch.exp(scores - lse[..., None])
+    out = probs @ values.float()[:, :, None]  # (b, kh, g, rows, d)
+    return out.reshape(b, hq, rows, d), lse.reshape(b, hq, rows)
+
+
+def _combine(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """Exact softmax over the union of two disjoint key sets from their partial results.
+
+    ``out_*`` ``(..., d)`` float32 and ``lse_*`` ``(...)``; an empty set has ``lse = -inf`` and
+    ``out = 0``. At least one of the two must be non-empty for every row."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    return out_a * torch.exp(lse_a - lse)[..., None] + out_b * torch.exp(lse_b - lse)[..., None]
+
+
+def segment_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each segment's queries over its own slots of the flat layout, in plain PyTorch.
+
+    Args:
+        queries: ``(Z, m, d)``: the ``m`` query rows of segment ``z`` (a row's GQA group, all query
+            positions).
+        keys, values: ``(total, d)`` flat layout.
+        offsets: ``(Z + 1,)`` long, segment ``z`` is ``offsets[z]:offsets[z + 1]``.
+        bias: ``(total,)`` float added to each slot's logit, or None.
+
+    Returns:
+        ``out (Z, m, d)`` float32 (0 for an empty segment) and ``lse (Z, m)`` float32 (``-inf`` there).
+    """
+    z_count, m, d = queries.shape
+    total = keys.shape[0]
+    lengths = offsets[1:] - offsets[:-1]
+    # Segment of every slot; output_size avoids a device sync.
+    seg = torch.repeat_interleave(torch.arange(z_count, device=keys.device), lengths, output_size=total)
+    q = queries.float()
+    scores = torch.einsum("sd,smd->sm", keys.float(), q[seg]) * scale  # (total, m)
+    if bias is not None:
+        scores = scores + bias.float()[:, None]
+    peak = torch.full((z_count, m), float("-inf"), device=keys.device)
+    peak = peak.scatter_reduce_(0, seg[:, None].expand(-1, m), scores, "amax")
+    weights = torch.exp(scores - peak[seg])  # (total, m)
+    norm = torch.zeros(z_count, m, device=keys.device).index_add_(0, seg, weights)
+    acc = torch.zeros(z_count, m, d, device=keys.device).index_add_(0, seg, weights[..., None] * values.float()[:, None, :])
+    empty = norm == 0
+    out = acc / norm.masked_fill(empty, 1.0)[..., None]
+    lse = torch.where(empty, float("-inf"), peak + norm.masked_fill(empty, 1.0).log())
+    return out, lse
+
+
+def _flex_pieces(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    piece_segment: torch.Tensor,
+    piece_start: torch.Tensor,
+    piece_end: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    piece_table: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`segment_attention` through flex_attention, one flex batch entry per piece.
+
+    Args:
+        queries: ``(Z, m, d)``; keys, values: ``(total, d)``.
+        piece_segment / piece_start / piece_end: ``(P,)`` long, each piece's segment and slot range.
+        kv_num_blocks: ``(P,)`` int32, KV blocks a piece touches; kv_indices: ``(P, blocks)`` int32.
+        piece_table: ``(Z, max pieces)`` long, the pieces of each segment, ``P`` (a dummy) past the end.
+            Pieces that no segment lists (padding) have no blocks and are ignored.
+        bias: ``(total,)`` float or None.
+
+    Returns:
+        As :func:`segment_attention`.
+    """
+    from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
+
+    _z_count, m, d = queries.shape
+    pieces, blocks = kv_indices.shape
+    total = keys.shape[0]
+    q = queries[piece_segment][:, None]  # (P, 1, m, d): a piece attends with its segment's queries
+    k, v = keys[None, None], values[None, None]  # (1, 1, total, d), broadcast over the pieces
+    q_blocks = (m + KV_BLOCK - 1) // KV_BLOCK
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx >= piece_start[b]) & (kv_idx < piece_end[b])
+
+    def add_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[kv_idx]
+
+    score_mod = None if bias is None else add_bias
+
+    # No "full" blocks on purpose: flex decoding then splits each piece's own blocks among its
+    # thread blocks (with full blocks it would split the whole, much longer, KV length).
+    block_mask = BlockMask.from_kv_blocks(
+        kv_num_blocks[:, None, None].expand(pieces, 1, q_blocks).contiguous(),
+        kv_indices[:, None, None, :].expand(pieces, 1, q_blocks, blocks).contiguous(),
+        BLOCK_SIZE=KV_BLOCK,
+        mask_mod=mask_mod,
+        seq_lengths=(m, total),
+        compute_q_blocks=False,
+    )
+    out, aux = flex_attention(
+        q.to(keys.dtype), k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True)
+    )
+    out, lse = out[:, 0].float(), aux.lse[:, 0].float()  # (P, m, d), (P, m)
+    # Merge each segment's pieces by log-sum-exp; the dummy piece P contributes nothing.
+    out = torch.cat([out, out.new_zeros(1, m, d)])[piece_table]  # (Z, maxp, m, d)
+    lse = torch.cat([lse, lse.new_full((1, m), float("-inf"))])[piece_table]  # (Z, maxp, m)
+    seg_lse = lse.logsumexp(dim=1)  # (Z, m)
+    safe = torch.where(torch.isinf(seg_lse), 0.0, seg_lse)
+    weights = torch.exp(lse - safe[:, None])  # 0 for the dummy pieces and empty segments
+    return (weights[..., None] * out).sum(dim=1), seg_lse
+
+
+def _varlen_attention(
+    query: torch.Tensor,
+    prefix: tuple,
+    tail_keys: torch.Tensor | None,
+    tail_values: torch.Tensor | None,
+    tail_mask: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    kv_heads: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefix attention of ``query (batch, Hq, rows, d)``, combined with the tail when one is given.
+
+    ``prefix`` is :meth:`VarlenLayer._prefix_args` for ``backend``. Returns ``out (batch, Hq, rows, d)``
+    float32 and ``lse (batch, Hq, rows)`` float32 (``lse`` of the prefix alone when there is no tail).
+    """
+    b, hq, rows, d = query.shape
+    g = hq // kv_heads
+    # A segment's query rows: the g consecutive query heads of its KV head, every position.
+    queries = query.reshape(b * kv_heads, g * rows, d)
+    if backend == "segment":
+        out, lse = segment_attention(queries, *prefix, scale=scale)
+    else:
+        out, lse = _flex_pieces(queries, *prefix, scale=scale)
+    out, lse = out.reshape(b, hq, rows, d), lse.reshape(b, hq, rows)
+    if tail_keys is None:
+        return out, lse
+    out_t, lse_t = _tail_attention(query, tail_keys, tail_values, tail_mask, scale, causal)
+    return _combine(out, lse, out_t, lse_t), lse
+
+
+_compiled = None
+COMPILE_BACKEND = "inductor"
+"""torch.compile backend of the ``"flex"`` path (tests on CPU use ``"aot_eager"``: inductor's CPU flex
+has no log-sum-exp output)."""
+
+
+def _attend(*args, backend: str):
+    """:func:`_varlen_attention`, through torch.compile for the ``"flex"`` backend (compiled once)."""
+    global _compiled
+    if backend != "flex":
+        return _varlen_attention(*args, backend=backend)
+    if _compiled is None:
+        # fullgraph: a graph break would silently run flex uncompiled, which materializes every
+        # piece's scores over the whole layer; better to fail loudly.
+        _compiled = torch.compile(_varlen_attention, fullgraph=True, backend=COMPILE_BACKEND)
+    return _compiled(*args, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------- layer
+
+
+class VarlenLayer(DynamicLayer):
+    """One layer's compressed prefix in the flat varlen layout, followed by a dense tail.
+
+    Args:
+        keys: ``(total, head_dim)`` kept keys (post-RoPE), segment after segment (row-major over
+            ``(batch, kv_heads)``), ascending positions inside a segment.
+        values: ``(total, head_dim)`` kept (or merged) values, same order.
+        positions: ``(total,)`` integer, the ``input_ids`` column of each slot.
+        head_lengths: ``(batch, kv_heads)`` long, slots of each segment (sums to ``total``).
+        original_length: the uncompressed length (columns of ``input_ids``, padding included).
+        prefix_bias: ``(total,)`` float added to each slot's attention logit (``log(count)`` of merged
+            survivors), or None.
+
+    ``keys`` / ``values`` (the attributes) hold the appended tokens only, ``(batch, kv_heads, n, head_dim)``;
+    the prefix is in ``prefix_keys`` / ``prefix_values``. :attr:`kept_positions` rebuilds the dense
+    ``(batch, kv_heads, widest)`` index on each access (it is not stored).
+    """
+
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        head_lengths: torch.Tensor,
+        original_length: int,
+        prefix_bias: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        total, head_dim = keys.shape
+        if values.shape != keys.shape or positions.shape != (total,) or head_lengths.dim() != 2:
+            raise ValueError(
+                f"keys {tuple(keys.shape)}, values {tuple(values.shape)}, positions {tuple(positions.shape)} and "
+                f"head_lengths {tuple(head_lengths.shape)} must be (total, d), (total, d), (total,), (batch, kv_heads)"
+            )
+        if prefix_bias is not None and prefix_bias.shape != (total,):
+            raise ValueError(f"prefix_bias must be (total,) = ({total},); got {tuple(prefix_bias.shape)}")
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self.original_length = int(original_length)
+        self.batch, self.kv_heads = head_lengths.shape
+        self.head_dim = head_dim
+        self.prefix_keys, self.prefix_values = keys.contiguous(), values.contiguous()
+        self.positions = positions.to(device=keys.device, dtype=torch.int32)
+        self.prefix_bias = None if prefix_bias is None else prefix_bias.to(device=keys.device, dtype=torch.float32)
+        self._set_index(head_lengths.to(device=keys.device, dtype=torch.long))
+        # The dense tail: a buffer of `capacity` slots of which the first `appended` are used.
+        self._tail_keys = keys.new_empty(self.batch, self.kv_heads, 0, head_dim)
+        self._tail_values = keys.new_empty(self.batch, self.kv_heads, 0, head_dim)
+        self._appended = 0
+        self._expose_tail()
+
+    def _set_index(self, head_lengths: torch.Tensor) -> None:
+        if int(head_lengths.sum()) != self.prefix_keys.shape[0]:
+            raise ValueError(f"head_lengths sum to {int(head_lengths.sum())}, not to the {self.prefix_keys.shape[0]} slots")
+        self.head_lengths = head_lengths
+        self.offsets = torch.cat([head_lengths.new_zeros(1), head_lengths.flatten().cumsum(0)])
+        self.width = int(head_lengths.max()) if head_lengths.numel() else 0  # one sync, at build time
+        self._pieces = None
+        if self.device.type == "cuda" and get_backend(self.device) == "flex":
+            self._build_pieces()  # now, so that the first decoding step does not sync
+
+    # ------------------------------------------------------------------------------------------ index
+
+    def piece_windows(self) -> int:
+        """Windows the flat layout is cut into for flex: 4 per streaming multiprocessor (8 off CUDA)."""
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 8
+        return 4 * sms
+
+    def piece_size(self) -> int:
+        """Slots per flex window, a multiple of KV_BLOCK: the layout in at most :meth:`piece_windows` windows."""
+        per_piece = math.ceil(max(self.prefix_keys.shape[0], 1) / self.piece_windows())
+        return max(KV_BLOCK, math.ceil(per_piece / KV_BLOCK) * KV_BLOCK)
+
+    def _build_pieces(self) -> None:
+        """Cut each segment where it crosses a multiple of :meth:`piece_size` (built once per layer)."""
+        size = self.piece_size()
+        device = self.device
+        starts, ends = self.offsets[:-1], self.offsets[1:]
+        first_window = starts // size
+        count = torch.where(ends > starts, (ends - 1) // size - first_window + 1, 0)  # (Z,)
+        pieces = int(count.sum())
+        segment = torch.repeat_interleave(torch.arange(len(count), device=device), count, output_size=pieces)
+        first_piece = torch.cumsum(count, 0) - count  # index of each segment's first piece
+        rank = torch.arange(pieces, device=device) - first_piece[segment]  # piece rank inside its segment
+        window = first_window[segment] + rank
+        start = torch.maximum(starts[segment], window * size)
+        end = torch.minimum(ends[segment], (window + 1) * size)
+        blocks = size // KV_BLOCK  # a piece lies inside one window, and windows are block-aligned
+        first_block = start // KV_BLOCK
+        num_blocks = ((end - 1) // KV_BLOCK - first_block + 1).to(torch.int32)
+        last_block = max((self.prefix_keys.shape[0] - 1) // KV_BLOCK, 0)
+        indices = (first_block[:, None] + torch.arange(blocks, device=device)).clamp(max=last_block).to(torch.int32)
+        max_pieces = int(count.max()) if count.numel() else 0
+        # Pad the piece count to a bound that depends on the device and batch only (the pieces refine
+        # both the windows and the segments, so they number at most windows + segments): every layer
+        # and every context length then shares one compiled graph whose flex batch is static, which
+        # flex decoding requires (a dynamic batch falls back to the slower prefill kernel). Padding
+        # pieces are empty: no blocks, no slots, listed by no segment.
+        padded = max(self.piece_windows(), math.ceil(self.prefix_keys.shape[0] / size)) + len(count)
+        extra = padded - pieces
+        table = torch.arange(max_pieces, device=device)[None, :]
+        table = torch.where(table < count[:, None], first_piece[:, None] + table, padded)  # (Z, maxp)
+        fill = lambda t: torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
+        self._pieces = (fill(segment), fill(start), fill(end), fill(num_blocks), fill(indices), table)
+
+    def _prefix_args(self, backend: str) -> tuple:
+        if backend == "segment":
+            return (self.prefix_keys, self.prefix_values, self.offsets)
+        if self._pieces is None:
+            self._build_pieces()
+        segment, start, end, num_blocks, indices, table = self._pieces
+        return (self.prefix_keys, self.prefix_values, segment, start, end, num_blocks, indices, table)
+
+    def attend_prefix(self, query: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``query (batch, Hq, rows, d)`` over the compressed prefix: ``out`` and ``lse``, float32."""
+        backend = get_backend(query.device)
+        args = self._prefix_args(backend) + (self.prefix_bias,)
+        return _attend(query, args, None, None, None, scale, False, self.kv_heads, backend=backend)
+
+    def attend(
+        self, query: torch.Tensor, tail_keys: torch.Tensor, tail_values: torch.Tensor, tail_mask, scale: float, causal: bool
+    ) -> torch.Tensor:
+        """Exact attention of ``query (batch, Hq, rows, d)`` over prefix and tail, in the query's dtype."""
+        backend = get_backend(query.device)
+        args = self._prefix_args(backend) + (self.prefix_bias,)
+        out, _ = _attend(query, args, tail_keys, tail_values, tail_mask, scale, causal, self.kv_heads, backend=backend)
+        return out.to(query.dtype)
+
+    @property
+    def kept_positions(self) -> torch.Tensor:
+        """``(batch, kv_heads, widest)`` long, rebuilt from the flat index on each access.
+
+        Same meaning as :attr:`CompressedLayer.kept_positions`: ``input_ids`` columns kept,
+        ascending; ``-1`` marks an empty slot, and empty slots come first."""
+        z_count = self.batch * self.kv_heads
+        total = self.prefix_keys.shape[0]
+        lengths = self.head_lengths.flatten()
+        seg = torch.repeat_interleave(torch.arange(z_count, device=self.device), lengths, output_size=total)
+        rank = torch.arange(total, device=self.device) - self.offsets[seg]
+        column = self.width - lengths[seg] + rank  # right-aligned: the empty slots come first
+        out = torch.full((z_count * self.width,), -1, dtype=torch.long, device=self.device)
+        out[seg * self.width + column] = self.positions.long()
+        return out.view(self.batch, self.kv_heads, self.width)
+
+    # ------------------------------------------------------------------------------------------ cache API
+
+    @property
+    def prefix_length(self) -> int:
+        """Slots of the widest segment (what a dense layer would store per head)."""
+        return self.width
+
+    @property
+    def appended(self) -> int:
+        """Tokens appended after compression."""
+        return self._appended
+
+    def _expose_tail(self) -> None:
+        n = self._appended
+        self.keys = self._tail_keys[:, :, :n]
+        self.values = self._tail_values[:, :, :n]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``(batch, kv_heads, new, head_dim)``; return the tail keys (as VarlenKeys) and values."""
+        n, new = self._appended, key_states.shape[-2]
+        capacity = self._tail_keys.shape[-2]
+        if n + new > capacity:  # grow by doubling: amortised O(1) copies per decoded token
+            capacity = max(2 * capacity, n + new, 64)
+            grown_k = key_states.new_empty(self.batch, self.kv_heads, capacity, self.head_dim)
+            grown_v = value_states.new_empty(self.batch, self.kv_heads, capacity, self.head_dim)
+            grown_k[:, :, :n] = self._tail_keys[:, :, :n]
+            grown_v[:, :, :n] = self._tail_values[:, :, :n]
+            self._tail_keys, self._tail_values = grown_k, grown_v
+        self._tail_keys[:, :, n : n + new] = key_states
+        self._tail_values[:, :, n : n + new] = value_states
+        self._appended = n + new
+        self._expose_tail()
+        return VarlenKeys.wrap(self.keys, self), self.values
+
+    def get_seq_length(self) -> int:
+        """The logical length: original tokens plus appended ones (what RoPE positions continue from)."""
+        return self.original_length + self._appended
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Ask transformers for the mask of the appended tokens (and MASK_LOOKBACK columns before them)."""
+        return MASK_LOOKBACK + self._appended + query_length, self.original_length - MASK_LOOKBACK
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop appended tokens (``tokens_to_remove < 0`` removes that many from the end)."""
+        if tokens_to_remove > 0:
+            tokens_to_remove = tokens_to_remove - self.get_seq_length()
+        if tokens_to_remove == 0:
+            return
+        if -tokens_to_remove > self._appended:
+            raise ValueError(
+                f"cannot crop {-tokens_to_remove} tokens: only the {self._appended} tokens appended after "
+                "compression can be removed from a compressed layer"
+            )
+        self._appended += tokens_to_remove
+        self._expose_tail()
+
+    def _select_rows(self, rows: torch.Tensor) -> None:
+        """Keep (or repeat) batch rows ``rows (new_batch,)`` long, in that order."""
+        rows = rows.to(self.device).long()
+        heads = torch.arange(self.kv_heads, device=self.device)
+        src = (rows[:, None] * self.kv_heads + heads).flatten()  # old segment of each new segment
+        lengths = self.head_lengths.flatten()[src]
+        total = int(lengths.sum())
+        seg = torch.repeat_interleave(torch.arange(len(src), device=self.device), lengths, output_size=total)
+        new_offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        slot = self.offsets[src][seg] + torch.arange(total, device=self.device) - new_offsets[seg]
+        self.prefix_keys = self.prefix_keys[slot]
+        self.prefix_values = self.prefix_values[slot]
+        self.positions = self.positions[slot]
+        if self.prefix_bias is not None:
+            self.prefix_bias = self.prefix_bias[slot]
+        self.batch = len(rows)
+        self._tail_keys = self._tail_keys[rows]
+        self._tail_values = self._tail_values[rows]
+        self._set_index(lengths.view(self.batch, self.kv_heads))
+        self._expose_tail()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select_rows(torch.arange(self.batch, device=self.device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(torch.arange(self.batch, device=self.device)[indices])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx)
+
+    def reset(self) -> None:
+        raise NotImplementedError("a compressed cache cannot be reset; compress the context again instead")
+
+    def offload(self):
+        raise NotImplementedError("offloading a varlen compressed layer is not supported")
+
+    def index_nbytes(self) -> int:
+        """Bytes of the slot index: positions (4 per slot), offsets, head lengths and flex pieces."""
+        pieces = sum(t.nbytes for t in self._pieces) if self._pieces is not None else 0
+        return self.positions.nbytes + self.offsets.nbytes + self.head_lengths.nbytes + pieces
+
+    def nbytes(self) -> int:
+        """Bytes held: prefix keys and values, the index, the merge bias and the tail buffer (capacity)."""
+        bias = 0 if self.prefix_bias is None else self.prefix_bias.nbytes
+        tail = self._tail_keys.nbytes + self._tail_values.nbytes
+        return self.prefix_keys.nbytes + self.prefix_values.nbytes + self.index_nbytes() + bias + tail
+
+    @classmethod
+    def from_full(
+        cls,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        kept: torch.Tensor,
+        *,
+        merged_values: torch.Tensor | None = None,
+        prefix_bias: torch.Tensor | None = None,
+    ) -> VarlenLayer:
+        """Gather the kept slots of a full cache straight into the flat layout (no padded copy).
+
+        Args:
+            keys, values: ``(batch, kv_heads, seq, head_dim)`` one layer's uncompressed cache.
+            kept: ``(batch, kv_heads, width)`` long from :func:`zigzag.api.select_tokens` (-1 = empty).
+            merged_values: ``(batch, kv_heads, width, head_dim)`` values to store instead of the kept
+                ones (merge-on-evict), or None.
+            prefix_bias: ``(batch, kv_heads, width)`` float per slot, or None.
+        """
+        batch, kv_heads, _width = kept.shape
+        seq, d = keys.shape[2], keys.shape[3]
+        real = kept >= 0
+        positions = kept[real]  # row-major: segment after segment, ascending inside each
+        segment = torch.arange(batch * kv_heads, device=kept.device).view(batch, kv_heads, 1).expand_as(kept)[real]
+        index = segment * seq + positions
+        flat_k = keys.reshape(-1, d).index_select(0, index)
+        flat_v = values.reshape(-1, d).index_select(0, index) if merged_values is None else merged_values[real]
+        bias = None if prefix_bias is None else prefix_bias[real]
+        return cls(flat_k, flat_v, positions, real.sum(-1), seq, bias)
+
+    @classmethod
+    def from_padded(
+        cls,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        kept: torch.Tensor,
+        original_length: int,
+        prefix_bias: torch.Tensor | None = None,
+    ) -> VarlenLayer:
+        """The varlen copy of a dense layer's ``(batch, kv_heads, width, head_dim)`` slots.
+
+        ``kept (batch, kv_heads, width)`` marks empty slots with -1; they are dropped."""
+        real = kept >= 0
+        bias = None if prefix_bias is None else prefix_bias[real]
+        return cls(keys[real], values[real], kept[real], real.sum(-1), original_length, bias)
+
+
+def heads_differ(kept: torch.Tensor) -> bool:
+    """True when some row of ``kept (batch, kv_heads, width)`` keeps different counts in different heads."""
+    counts = (kept >= 0).sum(-1)
+    return kept.shape[1] > 1 and bool((counts != counts[:, :1]).any())
+
+
+# ---------------------------------------------------------------------------------------------- interception
+
+
+def _varlen_arg(args):
+    for a in args:
+        if isinstance(a, (VarlenKeys, _VarlenScores, _VarlenProbs)):
+            return a
+        if isinstance(a, (list, tuple)):
+            found = _varlen_arg(a)
+            if found is not None:
+                return found
+    return None
+
+
+def _tail_of(mask: torch.Tensor | None, n_tail: int) -> torch.Tensor | None:
+    """The model's mask without its MASK_LOOKBACK leading columns."""
+    if mask is None:
+        return None
+    if mask.shape[-1] != MASK_LOOKBACK + n_tail:
+        raise RuntimeError(
+            f"the model's attention mask has {mask.shape[-1]} columns, expected {MASK_LOOKBACK + n_tail} for "
+            f"{n_tail} tokens appended after compression: was the cache used with an attention mask that "
+            "does not cover the original context?"
+        )
+    return mask[..., MASK_LOOKBACK:]
+
+
+def _varlen_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, **kwargs):
+    layer: VarlenLayer = key._varlen
+    if dropout_p:
+        raise NotImplementedError("attention dropout is not supported on a compressed cache (use model.eval())")
+    query, key, value = _plain(query), _plain(key), _plain(value)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    mask = _tail_of(_plain(attn_mask), key.shape[-2])
+    return layer.attend(query, key, value, mask, scale, bool(is_causal))
+
+
+class VarlenKeys(torch.Tensor):
+    """The appended keys of a :class:`VarlenLayer`, ``(batch, kv_heads, appended, head_dim)``, which
+    know their layer (``_varlen``) so that attention can add the compressed prefix."""
+
+    _varlen: VarlenLayer
+
+    @staticmethod
+    def wrap(keys: torch.Tensor, layer: VarlenLayer) -> VarlenKeys:
+        out = keys.as_subclass(VarlenKeys)
+        out._varlen = layer
+        return out
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return _varlen_sdpa(*args, **kwargs)
+        source = _varlen_arg(args)
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        if func in _KEY_VIEW_OPS and isinstance(out, torch.Tensor):
+            return VarlenKeys.wrap(out, source._varlen)
+        if func in _MATMUL_OPS and isinstance(args[1], VarlenKeys):
+            return _VarlenScores.wrap(out, source._varlen, _plain(args[0]), 1.0, None)
+        return out
+
+
+class _VarlenScores(torch.Tensor):
+    """Eager logits over the tail ``(batch, heads, q, appended)``, waiting for scale, mask and softmax.
+
+    ``_query`` is the query that made them and ``_scale`` the factor applied since, so that the
+    prefix logits (never materialized) get the same treatment."""
+
+    _varlen: VarlenLayer
+    _query: torch.Tensor
+    _scale: float
+    _mask: torch.Tensor | None
+
+    @staticmethod
+    def wrap(scores, layer, query, scale, mask) -> _VarlenScores:
+        out = scores.as_subclass(_VarlenScores)
+        out._varlen, out._query, out._scale, out._mask = layer, query, scale, mask
+        return out
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        me = next(a for a in args if isinstance(a, _VarlenScores))
+        scores = _plain(me)
+        others = [a for a in args if a is not me]
+        if func in _SCALE_OPS and len(others) == 1 and not (isinstance(others[0], torch.Tensor) and others[0].dim() > 0):
+            factor = float(others[0])
+            if func in (torch.Tensor.__truediv__, torch.Tensor.div, torch.div):
+                factor = 1.0 / factor
+            with torch._C.DisableTorchFunctionSubclass():
+                out = func(*args, **kwargs)
+            return _VarlenScores.wrap(out, me._varlen, me._query, me._scale * factor, me._mask)
+        if func in _ADD_OPS and me._mask is None and len(others) == 1 and isinstance(others[0], torch.Tensor):
+            mask = _tail_of(_plain(others[0]), scores.shape[-1])
+            mask = mask if mask.dtype != torch.bool else torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+            return _VarlenScores.wrap(scores + mask.to(scores.dtype), me._varlen, me._query, me._scale, mask)
+        if func in (F.softmax, torch.softmax, torch.Tensor.softmax):
+            return me._softmax(kwargs.get("dtype"))
+        raise NotImplementedError(
+            f"{getattr(func, '__name__', func)} on the attention logits of a varlen compressed layer: only "
+            "scaling, adding the mask and softmax (the stock eager attention) are supported"
+        )
+
+    def _softmax(self, dtype) -> _VarlenProbs:
+        scores = _plain(self).float()
+        if self._mask is None:  # the model added no mask: causal over the tail, aligned to the end
+            rows, n = scores.shape[-2:]
+            if rows > 1:
+                i = torch.arange(rows, device=scores.device)[:, None]
+                j = torch.arange(n, device=scores.device)[None, :]
+                scores = scores.masked_fill(j > i + (n - rows), float("-inf"))
+        out_p, lse_p = self._varlen.attend_prefix(self._query, self._scale)
+        lse = torch.logaddexp(lse_p, scores.logsumexp(-1))  # (b, H, rows)
+        probs = torch.exp(scores - lse[..., None])
+        prefix_out = out_p * torch.exp(lse_p - lse)[..., None]
+        probs = probs if dtype is None else probs.to(dtype)
+        return _VarlenProbs.wrap(probs, prefix_out)
+
+
+class _VarlenProbs(torch.Tensor):
+    """Eager attention probabilities over the tail; ``_prefix_out`` ``(batch, heads, q, d)`` float32
+    is the prefix's share of the output, already weighted, added at ``probs @ values``."""
+
+    _prefix_out: torch.Tensor
+
+    @staticmethod
+    def wrap(probs, prefix_out) -> _VarlenProbs:
+        out = probs.as_subclass(_VarlenProbs)
+        out._prefix_out = prefix_out
+        return out
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        me = next(a for a in args if isinstance(a, _VarlenProbs))
+        if func in _MATMUL_OPS and args[0] is me:
+            out = _plain(me) @ _plain(args[1])
+            return out + me._prefix_out.to(out.dtype)
+        if func is F.dropout:
+            if kwargs.get("training", args[2] if len(args) > 2 else True) and (kwargs.get("p", args[1] if len(args) > 1 else 0.5)):
+                raise NotImplementedError("attention dropout is not supported on a compressed cache (use model.eval())")
+            return me
+        if func in (torch.Tensor.to, torch.Tensor.type_as, torch.Tensor.float, torch.Tensor.contiguous):
+            with torch._C.DisableTorchFunctionSubclass():
+                out = func(*args, **kwargs)
+            return _VarlenProbs.wrap(out, me._prefix_out)
+        raise NotImplementedError(
+            f"{getattr(func, '__name__', func)} on the attention probabilities of a varlen compressed layer: "
+            "they cover the appended tokens only"
+        )
+
+
+__all__ = [
+    "BACKENDS",
+    "KV_BLOCK",
+    "VarlenKeys",
+    "VarlenLayer",
+    "get_backend",
+    "heads_differ",
+    "segment_attention",
+    "set_backend",
+]

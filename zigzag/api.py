@@ -22,6 +22,7 @@ from zigzag.budget import BudgetAllocator, get_budget, layer_mean_budgets
 from zigzag.cache import CompressedLayer, ZigZagCache
 from zigzag.merge import get_merge
 from zigzag.scorers import LayerView, Scorer, get_scorer, window_attention
+from zigzag.varlen import VarlenLayer, heads_differ
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -280,7 +281,7 @@ class Prefill:
     def window_mass(self, layer: int, window: int) -> torch.Tensor:
         """``(batch, heads, seq)``: real softmax attention of the last ``window`` queries, averaged over them."""
         q = self._queries(layer, min(window, self.window))
-        return window_attention(q, self.cache.layers[layer].keys, self.context.valid, self.scalings[layer]).mean(dim=2)
+        return window_mass(q, self.cache.layers[layer].keys, self.context.valid, self.scalings[layer])
 
     def budgets(self, ratio: float, allocator: BudgetAllocator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(batch, num_layers)`` long budgets and the ``(batch, num_layers)`` LMBA (or None).
@@ -391,9 +392,41 @@ def prefill_context(model: nn.Module, inputs, *, window: int = 64, query_stats_s
 # ---------------------------------------------------------------------------------------------- selection
 
 
+@contextlib.contextmanager
+def _tf32_matmuls() -> Iterator[None]:
+    """float32 matmuls on CUDA tensor cores (TF32) inside the block, restored after.
+
+    Scores only rank tokens: TF32's 10-bit mantissa does not change a ranking that float32 noise
+    would not, and the scorers' float32 products (ExpectedAttention's quadratic forms, window
+    attention) run several times faster. CPU results are unaffected.
+    """
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):  # older torch
+        previous, matmul.allow_tf32 = matmul.allow_tf32, True
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = previous
+        return
+    previous, matmul.fp32_precision = matmul.fp32_precision, "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
+
+
 def score_layer(scorer: Scorer, view: LayerView) -> torch.Tensor:
     """``(batch, kv_heads, seq)`` float32 scores of ``view``, ``-inf`` where ``view.valid`` is False."""
-    return scorer.score(view).float().masked_fill(~view.valid[:, None, :], float("-inf"))
+    with _tf32_matmuls():
+        scores = scorer.score(view)
+    return scores.float().masked_fill(~view.valid[:, None, :], float("-inf"))
+
+
+def window_mass(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``(batch, heads, seq)``: softmax attention of the ``(batch, heads, w, head_dim)`` last queries over
+    ``keys``, averaged over the queries (what ZigZag's LMBA is measured on)."""
+    with _tf32_matmuls():
+        return window_attention(queries, keys, valid, scaling).mean(dim=2)
 
 
 def rank_tokens(scores: torch.Tensor) -> torch.Tensor:
@@ -431,7 +464,9 @@ def gather_slots(states: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return torch.gather(states, 2, index) * (kept >= 0)[..., None].to(states.dtype)
 
 
-def build_layer(keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, valid: torch.Tensor, merger=None) -> CompressedLayer:
+def build_layer(
+    keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, valid: torch.Tensor, merger=None
+) -> CompressedLayer | VarlenLayer:
     """The compressed layer that keeps ``kept`` of one layer's full ``keys``/``values``.
 
     Args:
@@ -439,11 +474,21 @@ def build_layer(keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, va
         kept: ``(batch, kv_heads, n)`` long from :func:`select_tokens` (ascending, ``-1`` = empty slot).
         valid: ``(batch, seq)`` bool, False on left padding (padding is never merged).
         merger: None, or a merge object (:mod:`zigzag.merge`) folding evicted tokens into survivors.
+
+    Returns:
+        A dense :class:`~zigzag.cache.CompressedLayer` ``(batch, kv_heads, n, head_dim)`` when, in every
+        row, all KV heads keep the same number of tokens (uniform per-layer budgets: unchanged, as
+        fast as before). Otherwise (head-wise budgets, AdaKV) a :class:`~zigzag.varlen.VarlenLayer`
+        that stores exactly the kept slots, so memory is the sum of the per-head budgets instead of
+        the widest head times the head count.
     """
-    out_values, bias = gather_slots(values, kept), None
+    merged_values, bias = None, None
     if merger is not None:
         merged = merger.merge(keys, values, kept, valid)
-        out_values = merged.values
+        merged_values = merged.values
         if getattr(merger, "preserve_mass", False):
             bias = merged.counts.clamp(min=1.0).log()  # empty slots (count 0) are masked anyway
+    if heads_differ(kept):
+        return VarlenLayer.from_full(keys, values, kept, merged_values=merged_values, prefix_bias=bias)
+    out_values = gather_slots(values, kept) if merged_values is None else merged_values
     return CompressedLayer(gather_slots(keys, kept), out_values, kept, original_length=keys.shape[2], prefix_bias=bias)

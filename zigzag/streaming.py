@@ -45,11 +45,13 @@ from zigzag.api import (
     rank_tokens,
     score_layer,
     select_tokens,
+    window_mass,
 )
-from zigzag.budget import BudgetAllocator, get_budget
+from zigzag.budget import BudgetAllocator, get_budget, layer_mean_budgets
 from zigzag.cache import CompressedLayer, ZigZagCache
 from zigzag.merge import get_merge
-from zigzag.scorers import LayerView, Scorer, get_scorer, window_attention
+from zigzag.varlen import VarlenLayer, heads_differ
+from zigzag.scorers import LayerView, Scorer, get_scorer
 
 
 @dataclass
@@ -121,14 +123,17 @@ def _take_ranked(ranked: torch.Tensor, keys: torch.Tensor, values: torch.Tensor)
     return keys.gather(2, index), values.gather(2, index)
 
 
-def _finish(positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, budget: torch.Tensor, seq: int) -> CompressedLayer:
+def _finish(positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, budget: torch.Tensor, seq: int) -> CompressedLayer | VarlenLayer:
     """Slots of the best-first ``positions`` within ``budget`` ((batch,) or (batch, kv_heads)), ascending."""
     limit = budget if budget.dim() == 2 else budget[:, None]
     used = torch.arange(positions.shape[-1], device=positions.device) < limit[..., None].to(positions.device)
     kept, order = torch.where(used, positions, -1).sort(dim=-1)
     index = order[..., None].expand_as(keys)
     slot = (kept >= 0)[..., None].to(keys.dtype)
-    return CompressedLayer(keys.gather(2, index) * slot, values.gather(2, index) * slot, kept, original_length=seq)
+    keys, values = keys.gather(2, index) * slot, values.gather(2, index) * slot
+    if heads_differ(kept):  # head-wise budgets: store only the kept slots
+        return VarlenLayer.from_padded(keys, values, kept, original_length=seq)
+    return CompressedLayer(keys, values, kept, original_length=seq)
 
 
 @dataclass
@@ -288,10 +293,14 @@ class _LayerwiseCompressor:
                     gather_slots(slots.keys, kept), gather_slots(slots.values, kept), columns, original_length=seq
                 )
         else:
-            mass = window_attention(_fold(last(self.allocator.window), kv_heads) if slots.per_head else last(self.allocator.window),
-                                    view.keys, view.valid, scaling).mean(dim=2)
-            measured = self.allocator.measure(mass, view.valid)
-            self.lmba.append(measured.reshape(scores.shape[0], -1).mean(dim=1) if slots.per_head else measured)
+            window_queries = last(self.allocator.window)
+            mass = window_mass(_fold(window_queries, kv_heads) if slots.per_head else window_queries, view.keys, view.valid, scaling)
+            if getattr(self.allocator, "head_wise", False):  # per-KV-head LMBA (zigzag_heads): (batch, kv_heads)
+                measured = self.allocator.measure_heads(mass, view.valid, 1 if slots.per_head else kv_heads)
+                self.lmba.append(measured.reshape(scores.shape[0], kv_heads))
+            else:
+                measured = self.allocator.measure(mass, view.valid)
+                self.lmba.append(measured.reshape(scores.shape[0], -1).mean(dim=1) if slots.per_head else measured)
             ranked = rank_tokens(scores)
             width = int(self.avg_budget.max())
             top_keys, top_values = _take_ranked(ranked[..., :width], slots.keys, slots.values)
@@ -330,12 +339,15 @@ class _LayerwiseCompressor:
                 budget = self.budgets[:, i].to(device)
                 if self.merger is not None:
                     ranked, keys, values = pending.full(device)
-                    used = torch.arange(seq, device=device) < budget[:, None, None]
+                    used = torch.arange(seq, device=device) < (budget[..., None] if budget.dim() == 2 else budget[:, None, None])
                     kept = torch.where(used, ranked, -1).sort(dim=-1).values[..., seq - int(budget.max()) :]
                     self.cache.layers[i] = build_layer(keys, values, kept, ctx.valid, self.merger)
                 else:
                     self.cache.layers[i] = _finish(*pending.best(int(budget.max()), device), budget, seq)
-        return ZigZagCache(self.cache.layers, budgets=self.budgets, lmba=lmba)
+        budgets = self.budgets
+        if budgets.dim() == 3:  # head-wise allocator: report per layer (mean per KV head, exact row totals)
+            budgets, lmba = layer_mean_budgets(budgets), lmba.mean(dim=-1)
+        return ZigZagCache(self.cache.layers, budgets=budgets, lmba=lmba)
 
 
 def _chunk_bounds(seq: int, chunk_size: int | None) -> list[tuple[int, int]]:

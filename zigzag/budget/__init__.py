@@ -7,13 +7,20 @@
   :class:`ZigZag` (ZigZagKV, https://arxiv.org/abs/2412.09036) and its statistic :func:`lmba`.
 * :class:`AdaKV` (https://arxiv.org/abs/2407.11550): uniform layers, budgets split across each
   layer's KV heads by score (:func:`adakv_head_budgets`); allocators with ``split_heads`` do this.
-* :data:`BUDGETS` and :func:`get_budget`: the registry.
+* :class:`ZigZagHeads` (``"zigzag_heads"``): Eq. 6 over layers x KV heads jointly, on per-KV-head
+  LMBA (:func:`zigzag_head_budgets`); allocators with ``head_wise = True`` return
+  ``(batch, L, kv_heads)`` budgets.
+* :data:`BUDGETS` and :func:`get_budget`: the registry. Names take options as ``+<option><value>``
+  suffixes (:data:`BUDGET_OPTIONS`), e.g. ``"zigzag+skip2+cap2"`` or ``"zigzag_heads+gamma0.5"``.
 """
 
 from __future__ import annotations
 
+import re
+
 from zigzag.budget.adakv import AdaKV, adakv_head_budgets
 from zigzag.budget.apportion import apportion
+from zigzag.budget.heads import ZigZagHeads, layer_mean_budgets, zigzag_head_budgets
 from zigzag.budget.base import BudgetAllocator, check_allocate_args
 from zigzag.budget.pyramid import Pyramid
 from zigzag.budget.uniform import Uniform
@@ -22,21 +29,69 @@ from zigzag.budget.zigzag import LMBA_REL_TOL, ZigZag, lmba, lmba_per_head
 __all__ = [
     "AdaKV",
     "BUDGETS",
+    "BUDGET_OPTIONS",
     "BudgetAllocator",
     "LMBA_REL_TOL",
     "Pyramid",
     "Uniform",
     "ZigZag",
+    "ZigZagHeads",
     "adakv_head_budgets",
     "apportion",
     "check_allocate_args",
     "get_budget",
+    "layer_mean_budgets",
     "lmba",
     "lmba_per_head",
+    "zigzag_head_budgets",
 ]
 
-BUDGETS: dict[str, type] = {"uniform": Uniform, "pyramid": Pyramid, "zigzag": ZigZag, "adakv": AdaKV}
+BUDGETS: dict[str, type] = {
+    "uniform": Uniform,
+    "pyramid": Pyramid,
+    "zigzag": ZigZag,
+    "adakv": AdaKV,
+    "zigzag_heads": ZigZagHeads,
+}
 """Registry: name -> allocator class (constructed with its defaults by :func:`get_budget`)."""
+
+_ZIGZAG_OPTIONS = {
+    "skip": ("skip_layers", int),
+    "gamma": ("gamma", float),
+    "cap": ("max_multiple", float),
+    "tau": ("tau", float),
+    "bound": ("bound_fraction", float),
+}
+BUDGET_OPTIONS: dict[str, dict[str, tuple[str, type]]] = {
+    "zigzag": _ZIGZAG_OPTIONS,
+    "zigzag_heads": _ZIGZAG_OPTIONS,
+    "pyramid": {"beta": ("beta", float)},
+    "adakv": {"alpha": ("alpha", float)},
+}
+"""Per registry name: suffix ``+<option><value>`` -> (constructor argument, type). E.g.
+``zigzag+skip2`` is ``ZigZag(skip_layers=2)``, ``zigzag+cap2`` is ``ZigZag(max_multiple=2.0)``,
+``zigzag+gamma0.5`` is ``ZigZag(gamma=0.5)``."""
+
+_OPTION = re.compile(r"^([a-z_]+?)(-?[0-9]+(?:\.[0-9]*)?(?:e-?[0-9]+)?)$")
+
+
+def _parse(key: str, spec: str) -> BudgetAllocator:
+    name, *options = key.split("+")
+    if name not in BUDGETS:
+        raise ValueError(f"unknown budget {spec!r}; known budgets: {', '.join(sorted(BUDGETS))}")
+    known = BUDGET_OPTIONS.get(name, {})
+    kwargs: dict = {}
+    for option in options:
+        match = _OPTION.match(option)
+        if match is None or match.group(1) not in known:
+            listed = ", ".join(f"+{o}<value>" for o in known) or "none"
+            raise ValueError(f"unknown option {option!r} in budget {spec!r}; options of {name}: {listed}")
+        field, kind = known[match.group(1)]
+        text = match.group(2)
+        if kind is int and not text.lstrip("-").isdigit():
+            raise ValueError(f"option +{match.group(1)} in budget {spec!r} needs an integer; got {text!r}")
+        kwargs[field] = kind(text)
+    return BUDGETS[name](**kwargs)
 
 
 def get_budget(spec: str | BudgetAllocator) -> BudgetAllocator:
@@ -44,18 +99,16 @@ def get_budget(spec: str | BudgetAllocator) -> BudgetAllocator:
 
     Args:
         spec: a registry name (case-insensitive, surrounding spaces ignored): one of :data:`BUDGETS`,
-            built with default parameters; or an allocator object (anything with ``allocate`` and
-            ``name``), returned as is.
+            built with default parameters, optionally followed by ``+<option><value>`` suffixes of
+            :data:`BUDGET_OPTIONS` (``"zigzag+skip2+cap2"``); or an allocator object (anything with
+            ``allocate`` and ``name``), returned as is.
 
     Raises:
-        ValueError: unknown name (the message lists the known ones).
+        ValueError: unknown name or option (the message lists the known ones), or a bad option value.
         TypeError: anything else, including an allocator *class* (pass an instance, e.g. ``ZigZag()``).
     """
     if isinstance(spec, str):
-        key = spec.strip().lower()
-        if key not in BUDGETS:
-            raise ValueError(f"unknown budget {spec!r}; known budgets: {', '.join(sorted(BUDGETS))}")
-        return BUDGETS[key]()
+        return _parse(spec.strip().lower(), spec)
     if isinstance(spec, type):
         raise TypeError(f"budget must be a name or an allocator instance; got the class {spec.__name__} (call it)")
     if callable(getattr(spec, "allocate", None)) and isinstance(getattr(spec, "name", None), str):

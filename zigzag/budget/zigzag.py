@@ -18,7 +18,7 @@ import torch
 from zigzag.budget.apportion import apportion
 from zigzag.budget.base import check_allocate_args
 
-__all__ = ["ZigZag", "lmba", "lmba_per_head", "LMBA_REL_TOL"]
+__all__ = ["ZigZag", "lmba", "lmba_per_head", "LMBA_REL_TOL", "check_variant_options", "variant_cap"]
 
 LMBA_REL_TOL = 1.0e-9
 """Relative slack on "reaches ``tau`` of the mass": a prefix counts as reaching it when its mass is
@@ -111,6 +111,26 @@ def lmba(attention: torch.Tensor, valid: torch.Tensor | None = None, tau: float 
     return per_head.to(torch.float64).mean(dim=-1)
 
 
+def check_variant_options(skip_layers: int, gamma: float, max_multiple: float | None) -> None:
+    """Validate the design-variant options shared by :class:`ZigZag` and ``ZigZagHeads``."""
+    if isinstance(skip_layers, bool) or not isinstance(skip_layers, int) or skip_layers < 0:
+        raise ValueError(f"skip_layers must be a non-negative int; got {skip_layers!r}")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (0.0 <= gamma <= 16.0):
+        raise ValueError(f"gamma must be a number in [0, 16] (exponent on LMBA); got {gamma!r}")
+    if max_multiple is not None and (
+        isinstance(max_multiple, bool) or not isinstance(max_multiple, (int, float)) or not (1.0 <= max_multiple < float("inf"))
+    ):
+        raise ValueError(f"max_multiple must be None or a finite number >= 1 (cap in units of B_avg); got {max_multiple!r}")
+
+
+def variant_cap(avg: torch.Tensor, seq: torch.Tensor, max_multiple: float | None) -> torch.Tensor:
+    """Per-row cap of one layer (or head): ``min(seq_len, floor(max_multiple * B_avg))``, ``>= B_avg``."""
+    if max_multiple is None:
+        return seq
+    raw = torch.floor(avg.to(torch.float64) * float(max_multiple) * (1.0 + 1.0e-12)).long()
+    return torch.minimum(torch.maximum(raw, avg), seq)
+
+
 @dataclass(frozen=True)
 class ZigZag:
     """ZigZagKV per-layer budgets from layer uncertainty (Zhong et al., COLING 2025, Eq. 6).
@@ -139,11 +159,28 @@ class ZigZag:
     window:
         Observation window: LMBA is measured on the attention of the last ``window`` queries of the
         context (as SnapKV observes them), on the real softmax mass, with nothing padded or protected.
+    skip_layers:
+        Design variant (not in the paper; 0 = off): the first ``skip_layers`` layers keep exactly
+        ``B_avg`` and take no part in the reallocation; Eq. 6 runs over the other layers with their
+        total ``(L - skip_layers) * B_avg``. On SmolLM2, layer 0 attends almost uniformly (LMBA about
+        half the context) and Eq. 6 would give it the whole context.
+    gamma:
+        Design variant (1 = the paper): Eq. 6 uses ``LMBA ** gamma`` in place of LMBA. ``gamma < 1``
+        tempers the reallocation towards uniform (0 gives uniform budgets).
+    max_multiple:
+        Design variant (None = the paper): no layer keeps more than ``floor(max_multiple * B_avg)``
+        tokens (``>= 1``); what the cap frees goes to the other layers as any cap's does.
+
+    With the variants, the guarantees above hold among the layers that take part (all but the first
+    ``skip_layers``), with the cap ``min(seq_len, floor(max_multiple * B_avg))``.
     """
 
     tau: float = 0.9
     bound_fraction: float = 0.2
     window: int = 64
+    skip_layers: int = 0
+    gamma: float = 1.0
+    max_multiple: float | None = None
 
     name: ClassVar[str] = "zigzag"
     needs_lmba: ClassVar[bool] = True
@@ -158,6 +195,7 @@ class ZigZag:
             raise ValueError(
                 f"bound_fraction must lie in [0, 1] (share of B_avg every layer keeps); got {self.bound_fraction}"
             )
+        check_variant_options(self.skip_layers, self.gamma, self.max_multiple)
 
     def measure(self, attention: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """One layer's LMBA with this allocator's ``tau``: ``(batch, heads, seq) -> (batch,)`` float64.
@@ -194,6 +232,14 @@ class ZigZag:
             ``[B_bound[b], seq_len[b]]``.
         """
         avg, seq, lm = check_allocate_args(avg_budget, seq_len, num_layers, lmba, needs_lmba=True)
+        lm = cast(torch.Tensor, lm)
+        skip = min(self.skip_layers, num_layers)
+        out = avg[:, None].expand(avg.shape[0], num_layers).clone()
+        if skip == num_layers:
+            return out
         # apportion only uses ratios of the weights, so LMBA itself stands for u = LMBA / sum LMBA
         # (one division fewer, and no order-dependent sum before apportion's own).
-        return apportion(cast(torch.Tensor, lm), num_layers * avg, lower=self.bound(avg)[:, None], upper=seq[:, None])
+        weights = lm[:, skip:] if self.gamma == 1.0 else lm[:, skip:].pow(self.gamma)
+        cap = variant_cap(avg, seq, self.max_multiple)
+        out[:, skip:] = apportion(weights, (num_layers - skip) * avg, lower=self.bound(avg)[:, None], upper=cap[:, None])
+        return out

@@ -6,6 +6,7 @@ Every scorer is a dataclass of hyperparameters that keeps the :class:`Scorer` co
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from zigzag.scorers._window import group_mean, window_attention
@@ -17,6 +18,7 @@ from zigzag.scorers.random import RandomScorer
 from zigzag.scorers.snapkv import SnapKV
 from zigzag.scorers.streaming_llm import StreamingLLM
 from zigzag.scorers.tova import TOVA
+from zigzag.scorers.wrappers import HeadShared, Protected
 
 SCORERS: dict[str, type] = {
     "knorm": Knorm,
@@ -28,27 +30,60 @@ SCORERS: dict[str, type] = {
 }
 """Registry: name -> scorer class (built with its default hyperparameters by :func:`get_scorer`)."""
 
+WRAPPER_SUFFIXES = {
+    "pool<k>": "SpanPooled(inner, k): mean of the scores over k neighbours (k odd)",
+    "maxpool<k>": "SpanPooled(inner, k, mode='max'): best score within k // 2 tokens",
+    "shared": "HeadShared(inner): every KV head keeps the same tokens (mean of rank-normalized scores)",
+    "sharedmax": "HeadShared(inner, reduce='max'): the same, with the best rank over the heads",
+    "first<n>": "Protected(inner, first=n): the first n tokens are always kept",
+    "last<n>": "Protected(inner, first=0, last=n): the last n tokens are always kept",
+}
+"""Suffixes :func:`get_scorer` understands after a registry name, applied left to right (each wraps
+the scorer built so far): ``"expected_attention+pool5+shared+first64+last32"``."""
+
+_SUFFIX = re.compile(r"^(maxpool|pool|first|last)([0-9]+)$|^(shared|sharedmax)$")
+
+
+def _wrap(scorer: Any, suffix: str, spec: str) -> Any:
+    match = _SUFFIX.match(suffix)
+    if match is None:
+        raise ValueError(
+            f"unknown suffix {suffix!r} in scorer {spec!r}; known suffixes: "
+            + ", ".join(f"+{k}" for k in WRAPPER_SUFFIXES)
+        )
+    kind, number, flag = match.groups()
+    if flag:
+        return HeadShared(scorer, reduce="mean" if flag == "shared" else "max")
+    n = int(number)
+    if kind in ("pool", "maxpool"):
+        return SpanPooled(scorer, n, mode="max" if kind == "maxpool" else "mean")
+    return Protected(scorer, first=n) if kind == "first" else Protected(scorer, first=0, last=n)
+
 
 def get_scorer(spec: Any) -> Scorer:
     """Return a scorer from a registry name or an existing scorer object.
 
     Args:
         spec: a name from :data:`SCORERS` (case-insensitive; hyphens and underscores alike, e.g.
-            ``"Expected-Attention"``), built with default hyperparameters; or any object with a
-            callable ``score`` method, returned unchanged.
+            ``"Expected-Attention"``), built with default hyperparameters, optionally followed by
+            wrapper suffixes (:data:`WRAPPER_SUFFIXES`, e.g. ``"expected_attention+pool5+first64"``);
+            or any object with a callable ``score`` method, returned unchanged.
 
     Returns:
         The scorer.
 
     Raises:
-        ValueError: unknown name (the message lists the known ones).
+        ValueError: unknown name or suffix (the message lists the known ones).
         TypeError: neither a string nor an object with a ``score`` method.
     """
     if isinstance(spec, str):
-        key = spec.strip().lower().replace("-", "_")
+        key, *suffixes = spec.strip().lower().replace("-", "_").split("+")
         if key not in SCORERS:
             raise ValueError(f"unknown scorer {spec!r}; known scorers: {', '.join(sorted(SCORERS))}")
-        return SCORERS[key]()
+        scorer = SCORERS[key]()
+        for suffix in suffixes:
+            scorer = _wrap(scorer, suffix.strip(), spec)
+        return scorer
     if isinstance(spec, type):
         raise TypeError(
             f"scorer must be a name or a scorer instance; got the class {spec.__name__} (call it: {spec.__name__}())"
@@ -63,9 +98,12 @@ def get_scorer(spec: Any) -> Scorer:
 
 __all__ = [
     "SCORERS",
+    "WRAPPER_SUFFIXES",
     "ExpectedAttention",
+    "HeadShared",
     "Knorm",
     "LayerView",
+    "Protected",
     "RandomScorer",
     "Scorer",
     "SnapKV",

@@ -23,6 +23,10 @@ class SpanPooled:
     Args:
         inner: the scorer whose scores are pooled (its needs are passed through).
         kernel_size: odd window, in tokens; 1 leaves the scores unchanged.
+        mode: ``"mean"`` (average pooling, SnapKV's) or ``"max"``: every token takes the best score
+            within ``kernel_size // 2`` tokens of it, so the neighbours of a high-scoring token
+            (the rest of its span) rank with it instead of being diluted. Name suffix ``+pool<k>``
+            for ``"mean"``, ``+maxpool<k>`` for ``"max"``.
 
     Padding (the pipeline's ``-inf`` comes later) is excluded: pooling reads only valid tokens, so a
     left-padded row pools like the same row without padding.
@@ -30,14 +34,17 @@ class SpanPooled:
 
     inner: Scorer
     kernel_size: int = 5
+    mode: str = "mean"
 
     def __post_init__(self) -> None:
         if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int; got {self.kernel_size!r}")
+        if self.mode not in ("mean", "max"):
+            raise ValueError(f"mode must be 'mean' or 'max'; got {self.mode!r}")
 
     @property
     def name(self) -> str:
-        return f"{self.inner.name}+pool{self.kernel_size}"
+        return f"{self.inner.name}+{'max' if self.mode == 'max' else ''}pool{self.kernel_size}"
 
     @property
     def query_window(self) -> int:
@@ -58,8 +65,12 @@ class SpanPooled:
             return scores
         batch, kv_heads, seq = scores.shape
         valid = layer.valid[:, None, :].expand(batch, kv_heads, seq).float().reshape(batch * kv_heads, 1, seq)
-        flat = scores.reshape(batch * kv_heads, 1, seq).masked_fill(valid == 0, 0.0)
         pad = self.kernel_size // 2
+        if self.mode == "max":  # max_pool1d pads with -inf, so padding and the edges never win
+            flat = scores.reshape(batch * kv_heads, 1, seq).masked_fill(valid == 0, float("-inf"))
+            pooled = F.max_pool1d(flat, self.kernel_size, stride=1, padding=pad).reshape(batch, kv_heads, seq)
+            return torch.where(layer.valid[:, None, :].to(scores.device), pooled, scores)
+        flat = scores.reshape(batch * kv_heads, 1, seq).masked_fill(valid == 0, 0.0)
         total = F.avg_pool1d(flat, self.kernel_size, stride=1, padding=pad, count_include_pad=True)
         count = F.avg_pool1d(valid, self.kernel_size, stride=1, padding=pad, count_include_pad=True)
         return (total / count.clamp(min=1e-9)).reshape(batch, kv_heads, seq)

@@ -111,9 +111,14 @@ def plain_prefill(model, ids: torch.Tensor) -> DynamicCache:
     return cache
 
 
-@torch.no_grad()
 def decode_ms(model, cache, batch: int, steps: int, meter: Meter) -> float:
     """Median ms per greedy decode step (one token per row) continuing ``cache``; leaves it as it was."""
+    return statistics.median(decode_times(model, cache, batch, steps, meter))
+
+
+@torch.no_grad()
+def decode_times(model, cache, batch: int, steps: int, meter: Meter) -> list[float]:
+    """ms of each of ``steps`` decode steps (one token per row) continuing ``cache``; leaves it as it was."""
     length = cache.get_seq_length()
     token = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
     mask = torch.ones(batch, length + steps + 1, dtype=torch.long, device=model.device)
@@ -124,7 +129,7 @@ def decode_ms(model, cache, batch: int, steps: int, meter: Meter) -> float:
     with sdpa_kernel(kernels):
         times = _decode_steps(model, cache, token, mask, length, steps, meter)
     cache.crop(-(steps + 2))  # remove what the timing appended
-    return 1000 * statistics.median(times)
+    return [1000 * t for t in times]
 
 
 def _decode_steps(model, cache, token, mask, length, steps, meter) -> list[float]:
@@ -160,8 +165,12 @@ def run_case(rows, meter, model, ids, *, section, method, reps, decode_steps, **
         "prefill_s": round(statistics.median(seconds), 4),
         "peak_gib": round(max(peaks), 3),
         "kv_gib": round(cache_bytes(cache) / GIB, 3),
-        "decode_ms": round(decode_ms(model, cache, ids.shape[0], decode_steps, meter), 3) if decode_steps else None,
+        "decode_ms": None,
     }
+    if decode_steps:
+        times = decode_times(model, cache, ids.shape[0], decode_steps, meter)
+        row["decode_ms"] = round(statistics.median(times), 3)
+        row["decode_ms_min"] = round(min(times), 3)
     rows.append(row)
     print(json.dumps(row), flush=True)
     del cache
@@ -308,14 +317,14 @@ def main(argv: list[str] | None = None) -> None:
 def print_table(rows: list[dict], info: dict) -> None:
     print(f"\n{info['device']}, torch {info['torch']}, {info['date']}, weights {info['weights_gib']} GiB")
     base = {(r["tokens"]): r for r in rows if r.get("method") == "none" and r["section"] == "overhead"}
-    print("| section | method | T | prefill s | vs none | peak GiB | KV GiB | decode ms/token | max batch | tok/s |")
+    print("| section | method | T | prefill s | vs none | peak GiB | KV GiB | decode ms/token median (min) | max batch | tok/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = base.get(r.get("tokens"))
         rel = f"{r['prefill_s'] / ref['prefill_s']:.3f}x" if ref and "prefill_s" in r else ""
         print(
             f"| {r['section']} | {r.get('method', '')} | {r.get('tokens', '')} | {r.get('prefill_s', '')} | {rel} | "
-            f"{r.get('peak_gib', '')} | {r.get('kv_gib', '')} | {r.get('decode_ms', '') or ''} | "
+            f"{r.get('peak_gib', '')} | {r.get('kv_gib', '')} | {r.get('decode_ms', '') or ''} ({r.get('decode_ms_min', '')}) | "
             f"{r.get('max_batch', '')} | {r.get('tokens_per_s', '')} |"
         )
 

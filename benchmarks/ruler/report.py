@@ -133,5 +133,43 @@ def write_report(out_dir: Path, plots: bool = True) -> list[dict]:
     return rows
 
 
+def format_table(rows: list[dict], task: str = "core5", protocol: str | None = None) -> str:
+    """A markdown table of ``task`` scores (``core5``, ``avg`` or a task name): one line per
+    (protocol, scorer, budget, merge), one column per ratio, best first by the mean over ratios.
+    The uncompressed baseline's score is shown in every ratio column of its line."""
+    sel = [r for r in rows if r["task"] == task and (protocol is None or r["protocol"] == protocol)]
+    ratios = sorted({r["ratio"] for r in sel if r["scorer"] != "none"})
+    lines: dict[tuple, dict[float, float]] = defaultdict(dict)
+    for r in sel:
+        lines[(r["protocol"], r["scorer"], r["budget"], r["merge"])][r["ratio"]] = r["score"]
+    def value(key):
+        if key[1] == "none":
+            return float("inf")
+        got = [lines[key][x] for x in ratios if x in lines[key]]
+        return sum(got) / len(got) if got else -1.0
+    out = [f"{task}: " + ("all protocols" if protocol is None else protocol),
+           "| protocol | scorer | budget | merge | " + " | ".join(f"{x:g}" for x in ratios) + " |",
+           "|---|---|---|---|" + "---|" * len(ratios)]
+    for key in sorted(lines, key=lambda k: (k[0], -value(k), k)):
+        scores = lines[key]
+        cells = [f"{scores[0.0]:.1f}" if key[1] == "none" else (f"{scores[x]:.1f}" if x in scores else "") for x in ratios]
+        out.append("| " + " | ".join(str(k) for k in key) + " | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ruler.report", description=__doc__)
+    p.add_argument("out", type=Path)
+    p.add_argument("--table", action="store_true", help="print the score table (after writing summary.csv)")
+    p.add_argument("--task", default="core5", help="core5 (only settings that ran all five core tasks), avg, or a task")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    rows = write_report(args.out, plots=not args.no_plots)
+    if args.table:
+        print(format_table(rows, args.task))
+
+
 if __name__ == "__main__":
-    write_report(Path(sys.argv[1]))
+    main()

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.ruler.tasks import TASKS, Sample, generate_task, score_output
-from zigzag import BUDGETS, SCORERS, SpanPooled, get_scorer, prefill_context
+from zigzag import get_budget, get_scorer, prefill_context
 from zigzag.merge import CosineMerge
 
 MERGE_MODES = {"off": None, "cosine": CosineMerge(), "cosine+mass": CosineMerge(preserve_mass=True)}
@@ -63,10 +63,9 @@ def settings_from(scorers: list[str], budgets: list[str], ratios: list[float], m
 
 
 def make_scorer(spec: str):
-    """A registry name, optionally with ``+pool<k>`` for span pooling (e.g. ``expected_attention+pool5``)."""
-    name, _, pool = spec.partition("+pool")
-    scorer = get_scorer(name)
-    return SpanPooled(scorer, int(pool)) if pool else scorer
+    """A registry name with optional wrapper suffixes (``zigzag.scorers.WRAPPER_SUFFIXES``), e.g.
+    ``expected_attention+pool5`` (span pooling) or ``expected_attention+pool5+shared+first64``."""
+    return get_scorer(spec)
 
 
 def max_new_tokens(task: str) -> int:
@@ -156,8 +155,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--length", type=int, default=4096, help="target prompt length in tokens")
     p.add_argument("--tasks", default="all", help=f"comma list or 'all' ({', '.join(TASKS)})")
-    p.add_argument("--scorers", default="knorm,snapkv,expected_attention,tova,streaming_llm")
-    p.add_argument("--budgets", default="uniform,pyramid,zigzag")
+    p.add_argument("--scorers", default="knorm,snapkv,expected_attention,tova,streaming_llm",
+                   help="comma list of scorer names with optional suffixes, applied left to right: +pool<k>, "
+                        "+maxpool<k>, +shared, +sharedmax, +first<n>, +last<n> (e.g. expected_attention+pool5+first64)")
+    p.add_argument("--budgets", default="uniform,pyramid,zigzag",
+                   help="comma list of budget names (uniform, pyramid, zigzag, adakv, zigzag_heads) with optional "
+                        "+<option><value> suffixes, e.g. zigzag+skip2+cap2, zigzag_heads+gamma0.5")
     p.add_argument("--merge", default="off", help=f"comma list of merge modes: {', '.join(MERGE_MODES)}")
     p.add_argument("--ratios", default="0.25,0.5,0.75,0.875")
     p.add_argument("--protocols", default="agnostic,aware")
@@ -168,11 +171,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
     args.tasks = list(TASKS) if args.tasks == "all" else args.tasks.split(",")
-    for name, known in (("tasks", TASKS), ("scorers", SCORERS), ("budgets", BUDGETS), ("protocols", PROTOCOLS)):
+    for name, known in (("tasks", TASKS), ("protocols", PROTOCOLS)):
         values = getattr(args, name) if name == "tasks" else getattr(args, name).split(",")
-        unknown = [v for v in values if v.partition("+pool")[0] not in known]
+        unknown = [v for v in values if v not in known]
         if unknown:
             p.error(f"unknown {name} {unknown}; known: {', '.join(known)}")
+        setattr(args, name, values)
+    # Scorers and budgets are names with optional suffixes: ``expected_attention+pool5+first64``,
+    # ``zigzag+skip2+cap2`` (see zigzag.scorers.WRAPPER_SUFFIXES and zigzag.budget.BUDGET_OPTIONS).
+    for name, build in (("scorers", get_scorer), ("budgets", get_budget)):
+        values = getattr(args, name).split(",")
+        for v in values:
+            try:
+                build(v)
+            except (ValueError, TypeError) as e:
+                p.error(f"bad {name[:-1]} {v!r}: {e}")
         setattr(args, name, values)
     args.ratios = [float(r) for r in args.ratios.split(",")]
     if any(not 0 < r < 1 for r in args.ratios):

@@ -45,17 +45,9 @@ def llama_config(tiny: bool):
             head_dim=64,
             max_position_embeddings=8192,
         )
-    return LlamaConfig(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=131072,
-        rope_theta=500000.0,
-    )
+    from benchmarks.perf.run import llama_8b_config
+
+    return llama_8b_config(max_positions=131072)
 
 
 def build_model(config, device: torch.device, dtype: torch.dtype):

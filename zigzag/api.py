@@ -1,9 +1,10 @@
-"""`compress_cache`: prefill a context, score every cached token, allocate budgets, keep the best.
+"""Model-facing plumbing: validate inputs and models, capture queries, score, select and gather.
 
-This is the only module that knows about models. It validates its input, runs one ordinary forward
-pass of the model over the context (with temporary hooks on the query projections, removed in a
-``finally`` block, to collect what the scorer and the budget allocator need), and builds a
-:class:`~zigzag.cache.ZigZagCache` from the kept tokens.
+:func:`prefill_context` runs one ordinary forward pass over the context (with temporary hooks on the
+query projections, removed in a ``finally`` block) and returns a :class:`Prefill` that holds the
+full cache and everything scorers and allocators read; :meth:`Prefill.compress` turns it into a
+:class:`~zigzag.cache.ZigZagCache` as often as a sweep needs. :func:`zigzag.compress_cache`
+(:mod:`zigzag.streaming`) reuses the same pieces to compress layer by layer during the prefill.
 """
 
 from __future__ import annotations

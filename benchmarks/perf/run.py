@@ -165,6 +165,7 @@ def run_case(rows, meter, model, ids, *, section, method, reps, decode_steps, **
         "prefill_s": round(statistics.median(seconds), 4),
         "peak_gib": round(max(peaks), 3),
         "kv_gib": round(cache_bytes(cache) / GIB, 3),
+        "kv_bytes": cache_bytes(cache),
         "decode_ms": None,
     }
     if decode_steps:

@@ -315,3 +315,22 @@ def test_compiled_flex_path_traces_whole_on_cpu():
     finally:
         varlen.COMPILE_BACKEND, varlen._compiled = old
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("d", [16, 4])  # Z = 9 segments: <= d takes the masked dense product, > d the gather
+def test_segment_attention_both_strategies_equal_a_per_segment_softmax(d):
+    gen = torch.Generator()
+    gen.seed()  # fresh inputs every run
+    lengths = torch.randint(0, 40, (3, 3), generator=gen)
+    lengths[0, 1] = 0  # an empty head
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.flatten().cumsum(0)])
+    total, m = int(lengths.sum()), 5
+    keys, values = torch.randn(total, d, generator=gen), torch.randn(total, d, generator=gen)
+    q = torch.randn(lengths.numel(), m, d, generator=gen)
+    bias = torch.rand(total, generator=gen)
+    ref_out, ref_lse = _naive(q, keys, values, offsets, bias, 0.3)
+    out, lse = segment_attention(q, keys, values, offsets, bias, scale=0.3)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], rtol=1e-5, atol=1e-5)

@@ -172,6 +172,8 @@ def segment_attention(
     lengths = offsets[1:] - offsets[:-1]
     # Segment of every slot; output_size avoids a device sync.
     seg = torch.repeat_interleave(torch.arange(z_count, device=keys.device), lengths, output_size=total)
+    if z_count <= d:
+        return _segment_attention_masked(queries, keys, values, seg, bias, scale=scale)
     q = queries.float()
     scores = torch.einsum("sd,smd->sm", keys.float(), q[seg]) * scale  # (total, m)
     if bias is not None:
@@ -185,6 +187,37 @@ def segment_attention(
     out = acc / norm.masked_fill(empty, 1.0)[..., None]
     lse = torch.where(empty, float("-inf"), peak + norm.masked_fill(empty, 1.0).log())
     return out, lse
+
+
+def _segment_attention_masked(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    seg: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`segment_attention` as one dense product of all query rows with all slots, masked to each
+    row's own segment.
+
+    It does ``Z`` times the arithmetic of the segments alone, but reads every slot once and holds a
+    ``(Z * m, total)`` score matrix instead of copying each segment's queries onto each of its slots
+    (``(total, m, d)``): the cheaper of the two whenever ``Z <= head_dim``, as at small batch.
+    ``seg``: ``(total,)`` long, the segment of every slot.
+    """
+    z_count, m, d = queries.shape
+    q = queries.float().reshape(z_count * m, d)
+    scores = (q @ keys.float().T) * scale  # (Z * m, total)
+    if bias is not None:
+        scores = scores + bias.float()[None, :]
+    row_segment = torch.arange(z_count, device=keys.device).repeat_interleave(m)  # (Z * m,)
+    scores = scores.masked_fill(seg[None, :] != row_segment[:, None], float("-inf"))
+    lse = scores.logsumexp(dim=-1)  # -inf for an empty segment
+    empty = torch.isinf(lse)
+    probs = torch.exp(scores - torch.where(empty, 0.0, lse)[:, None])  # exactly 0 off the segment
+    out = probs @ values.float()
+    return out.reshape(z_count, m, d), lse.reshape(z_count, m)
 
 
 def _flex_pieces(

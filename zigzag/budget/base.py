@@ -19,7 +19,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
-__all__ = ["BudgetAllocator", "check_allocate_args"]
+__all__ = ["BudgetAllocator", "check_allocate_args", "lmba_values"]
 
 
 @runtime_checkable
@@ -125,11 +125,20 @@ def check_allocate_args(
         raise ValueError(
             f"lmba must have shape (batch, num_layers) = ({avg.shape[0]}, {num_layers}); got {tuple(lmba.shape)}"
         )
+    return avg, seq, lmba_values(lmba, avg.device)
+
+
+def lmba_values(lmba: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``lmba`` (any shape) as float64 on ``device``, checked to be real, finite and ``>= 0``.
+
+    Raises:
+        ValueError: on a bool or complex dtype, inf / nan, or a negative entry.
+    """
     if lmba.dtype == torch.bool or lmba.is_complex():
         raise ValueError(f"lmba must be real; got dtype {lmba.dtype}")
-    lm = lmba.to(device=avg.device, dtype=torch.float64)
+    lm = lmba.to(device=device, dtype=torch.float64)
     if not bool(torch.isfinite(lm).all()):
         raise ValueError("lmba must be finite; got inf or nan")
     if bool((lm < 0).any()):
         raise ValueError(f"lmba must be >= 0 (a token count); got a minimum of {lm.min().item()}")
-    return avg, seq, lm
+    return lm

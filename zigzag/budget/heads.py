@@ -24,17 +24,12 @@ from typing import ClassVar, Sequence
 import torch
 
 from zigzag.budget.apportion import apportion
-from zigzag.budget.base import check_allocate_args
-from zigzag.budget.zigzag import _check_tau, check_variant_options, lmba_per_head, variant_cap
+from zigzag.budget.base import check_allocate_args, lmba_values
+from zigzag.budget.zigzag import _check_tau, check_variant_options, lmba_per_head, variant_cap, zigzag_bound
 
 __all__ = ["ZigZagHeads", "zigzag_head_budgets", "layer_mean_budgets"]
 
 GROUP_MODES = ("mass", "mean")
-
-
-def _bound(avg: torch.Tensor, bound_fraction: float) -> torch.Tensor:
-    raw = torch.floor(avg.to(torch.float64) * bound_fraction * (1.0 + 1.0e-12)).long()
-    return torch.minimum(raw, avg)
 
 
 def _check_head_lmba(lmba: torch.Tensor, batch: int, num_layers: int, device: torch.device) -> torch.Tensor:
@@ -44,14 +39,7 @@ def _check_head_lmba(lmba: torch.Tensor, batch: int, num_layers: int, device: to
         raise ValueError(
             f"lmba must have shape (batch, num_layers, kv_heads) = ({batch}, {num_layers}, >= 1); got {tuple(lmba.shape)}"
         )
-    if lmba.dtype == torch.bool or lmba.is_complex():
-        raise ValueError(f"lmba must be real; got dtype {lmba.dtype}")
-    lm = lmba.to(device=device, dtype=torch.float64)
-    if not bool(torch.isfinite(lm).all()):
-        raise ValueError("lmba must be finite; got inf or nan")
-    if bool((lm < 0).any()):
-        raise ValueError(f"lmba must be >= 0 (a token count); got a minimum of {lm.min().item()}")
-    return lm
+    return lmba_values(lmba, device)
 
 
 def zigzag_head_budgets(
@@ -98,7 +86,7 @@ def zigzag_head_budgets(
     weights = flat if gamma == 1.0 else flat.pow(gamma)
     cap = variant_cap(avg, seq, max_multiple)
     total = (num_layers - skip) * heads * avg
-    alloc = apportion(weights, total, lower=_bound(avg, bound_fraction)[:, None], upper=cap[:, None])
+    alloc = apportion(weights, total, lower=zigzag_bound(avg, bound_fraction)[:, None], upper=cap[:, None])
     out[:, skip:] = alloc.reshape(batch, num_layers - skip, heads)
     return out
 

@@ -123,6 +123,15 @@ def check_variant_options(skip_layers: int, gamma: float, max_multiple: float | 
         raise ValueError(f"max_multiple must be None or a finite number >= 1 (cap in units of B_avg); got {max_multiple!r}")
 
 
+def zigzag_bound(avg_budget: torch.Tensor, bound_fraction: float) -> torch.Tensor:
+    """``B_bound = floor(bound_fraction * avg_budget)``, ``<= avg_budget``: ``(batch,)`` long -> ``(batch,)`` long."""
+    # The relative 1e-12 keeps products such as 0.3 * 10 (2.9999999999999996 in binary) at the
+    # integer the user meant; the clamp keeps B_bound <= B_avg whatever the slack does.
+    product = avg_budget.to(torch.float64) * bound_fraction
+    raw = torch.floor(product * (1.0 + 1.0e-12)).long()
+    return torch.minimum(raw, avg_budget)
+
+
 def variant_cap(avg: torch.Tensor, seq: torch.Tensor, max_multiple: float | None) -> torch.Tensor:
     """Per-row cap of one layer (or head): ``min(seq_len, floor(max_multiple * B_avg))``, ``>= B_avg``."""
     if max_multiple is None:
@@ -206,11 +215,7 @@ class ZigZag:
 
     def bound(self, avg_budget: torch.Tensor) -> torch.Tensor:
         """``B_bound = floor(bound_fraction * avg_budget)``: ``(batch,)`` long -> ``(batch,)`` long."""
-        # The relative 1e-12 keeps products such as 0.3 * 10 (2.9999999999999996 in binary) at the
-        # integer the user meant; the clamp keeps B_bound <= B_avg whatever the slack does.
-        product = avg_budget.to(torch.float64) * self.bound_fraction
-        raw = torch.floor(product * (1.0 + 1.0e-12)).long()
-        return torch.minimum(raw, avg_budget)
+        return zigzag_bound(avg_budget, self.bound_fraction)
 
     def allocate(
         self,

@@ -82,3 +82,22 @@ class Scorer(Protocol):
     def score(self, layer: LayerView) -> torch.Tensor:
         """Return scores ``(batch, kv_heads, seq)``, float; higher means keep."""
         ...
+
+
+class ScorerWrapper:
+    """Base of scorers that transform another scorer's scores (``self.inner``): the pipeline's
+    needs (query window, query statistics) are the inner scorer's."""
+
+    inner: Scorer
+
+    @property
+    def query_window(self) -> int:
+        return self.inner.query_window
+
+    @property
+    def needs_query_stats(self) -> bool:
+        return self.inner.needs_query_stats
+
+    @property
+    def query_stats_skip(self) -> int:
+        return self.inner.query_stats_skip

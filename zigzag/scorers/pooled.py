@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from zigzag.scorers.base import LayerView, Scorer
+from zigzag.scorers.base import LayerView, Scorer, ScorerWrapper
 
 
 @dataclass
-class SpanPooled:
+class SpanPooled(ScorerWrapper):
     """Average-pool another scorer's scores over ``kernel_size`` neighbouring tokens.
 
     Args:
@@ -45,18 +45,6 @@ class SpanPooled:
     @property
     def name(self) -> str:
         return f"{self.inner.name}+{'max' if self.mode == 'max' else ''}pool{self.kernel_size}"
-
-    @property
-    def query_window(self) -> int:
-        return self.inner.query_window
-
-    @property
-    def needs_query_stats(self) -> bool:
-        return self.inner.needs_query_stats
-
-    @property
-    def query_stats_skip(self) -> int:
-        return self.inner.query_stats_skip
 
     def score(self, layer: LayerView) -> torch.Tensor:
         """``(batch, kv_heads, seq)``: the inner scores, averaged over valid neighbours."""

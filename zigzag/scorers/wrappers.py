@@ -20,27 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from zigzag.scorers._window import raise_protected
-from zigzag.scorers.base import LayerView, Scorer
-
-
-class _Wrapper:
-    inner: Scorer
-
-    @property
-    def query_window(self) -> int:
-        return self.inner.query_window
-
-    @property
-    def needs_query_stats(self) -> bool:
-        return self.inner.needs_query_stats
-
-    @property
-    def query_stats_skip(self) -> int:
-        return self.inner.query_stats_skip
+from zigzag.scorers.base import LayerView, Scorer, ScorerWrapper
 
 
 @dataclass
-class Protected(_Wrapper):
+class Protected(ScorerWrapper):
     """Lift the first ``first`` and the last ``last`` valid tokens of each row above all others.
 
     Positions count valid tokens only (``layer.positions``), so left padding does not move the
@@ -80,7 +64,7 @@ class Protected(_Wrapper):
 
 
 @dataclass
-class HeadShared(_Wrapper):
+class HeadShared(ScorerWrapper):
     """The same scores in every KV head of a layer, so that all heads keep the same tokens.
 
     Each head's scores are first made comparable across heads by their rank: a token's normalized

@@ -453,10 +453,24 @@ def select_tokens(scores: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
     width = int(budgets.max()) if budgets.numel() else 0
     if width == 0:
         return scores.new_empty(*scores.shape[:2], 0, dtype=torch.long)
-    best = rank_tokens(scores)[..., :width]  # (batch, kv_heads, width)
+    return keep_best(rank_tokens(scores)[..., :width], budgets)[0]
+
+
+def keep_best(ranked: torch.Tensor, budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``budgets`` of best-first columns, as cache slots.
+
+    Args:
+        ranked: ``(batch, kv_heads, n)`` long columns, best first, ``n >= budgets.max()``.
+        budgets: ``(batch,)`` or ``(batch, kv_heads)`` long.
+
+    Returns:
+        ``kept (batch, kv_heads, n)`` long: the kept columns ascending, ``-1`` for the ranks beyond
+        each budget (they come first); and ``order (batch, kv_heads, n)``: where in ``ranked`` each
+        slot came from (to move keys and values that are stored best first).
+    """
     limit = budgets if budgets.dim() == 2 else budgets[:, None]
-    used = torch.arange(width, device=scores.device)[None, None, :] < limit[..., None].to(scores.device)
-    return torch.where(used, best, -1).sort(dim=-1).values
+    used = torch.arange(ranked.shape[-1], device=ranked.device) < limit[..., None].to(ranked.device)
+    return torch.where(used, ranked, -1).sort(dim=-1)
 
 
 def gather_slots(states: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

@@ -42,12 +42,13 @@ from zigzag.api import (
     _rotate_half,
     build_layer,
     gather_slots,
+    keep_best,
     rank_tokens,
     score_layer,
     select_tokens,
     window_mass,
 )
-from zigzag.budget import BudgetAllocator, get_budget, layer_mean_budgets
+from zigzag.budget import BudgetAllocator, Uniform, get_budget, layer_mean_budgets
 from zigzag.cache import CompressedLayer, ZigZagCache
 from zigzag.merge import get_merge
 from zigzag.varlen import VarlenLayer, heads_differ
@@ -125,9 +126,7 @@ def _take_ranked(ranked: torch.Tensor, keys: torch.Tensor, values: torch.Tensor)
 
 def _finish(positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, budget: torch.Tensor, seq: int) -> CompressedLayer | VarlenLayer:
     """Slots of the best-first ``positions`` within ``budget`` ((batch,) or (batch, kv_heads)), ascending."""
-    limit = budget if budget.dim() == 2 else budget[:, None]
-    used = torch.arange(positions.shape[-1], device=positions.device) < limit[..., None].to(positions.device)
-    kept, order = torch.where(used, positions, -1).sort(dim=-1)
+    kept, order = keep_best(positions, budget)
     index = order[..., None].expand_as(keys)
     slot = (kept >= 0)[..., None].to(keys.dtype)
     keys, values = keys.gather(2, index) * slot, values.gather(2, index) * slot
@@ -199,14 +198,10 @@ class _LayerwiseCompressor:
         if start > 0:
             held = held + (self.cache.layers[0].kept_positions[:, 0] >= 0).sum(dim=-1)
         self.pool = held.cpu()
-        allocator = self.allocator if final else None  # earlier chunks: every layer keeps the average
+        allocator = self.allocator if final else Uniform()  # earlier chunks: every layer keeps the average
         self.budgets = None
-        if allocator is None or not allocator.needs_lmba:
-            lengths = self.pool
-            if allocator is None:
-                self.budgets = self.avg_budget.cpu()[:, None].expand(-1, self.num_layers)
-            else:
-                self.budgets = allocator.allocate(self.avg_budget.cpu(), lengths, self.num_layers, None)
+        if not allocator.needs_lmba:
+            self.budgets = allocator.allocate(self.avg_budget.cpu(), self.pool, self.num_layers, None)
         self.window = min(self.window_wanted, end - start)
         self.capture = _QueryCapture(
             window=self.window, stats_skip=self.stats_skip, heads=self.heads, head_dim=self.head_dim, valid=ctx.valid[:, start:end]
@@ -339,8 +334,7 @@ class _LayerwiseCompressor:
                 budget = self.budgets[:, i].to(device)
                 if self.merger is not None:
                     ranked, keys, values = pending.full(device)
-                    used = torch.arange(seq, device=device) < (budget[..., None] if budget.dim() == 2 else budget[:, None, None])
-                    kept = torch.where(used, ranked, -1).sort(dim=-1).values[..., seq - int(budget.max()) :]
+                    kept = keep_best(ranked[..., : int(budget.max())], budget)[0]
                     self.cache.layers[i] = build_layer(keys, values, kept, ctx.valid, self.merger)
                 else:
                     self.cache.layers[i] = _finish(*pending.best(int(budget.max()), device), budget, seq)

@@ -67,3 +67,14 @@ def masked_reference(model, keep: list[torch.Tensor], bias: list[torch.Tensor] |
         model.set_attn_implementation(original)
         _KEEP.clear()
         _BIAS.clear()
+
+
+@contextlib.contextmanager
+def attention(model, name: str) -> Iterator[None]:
+    """Within the block, ``model`` uses attention implementation ``name`` (e.g. "eager"), then is restored."""
+    original = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(original)

@@ -6,7 +6,6 @@ cache with the evicted positions masked per layer and KV head (tests/reference.p
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -14,21 +13,11 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 from tests.conftest import tiny_llama
-from tests.reference import keep_masks, masked_reference
+from tests.reference import attention, keep_masks, masked_reference
 from zigzag import UnsupportedModelError, compress_cache
 from zigzag import prefill_context
 from zigzag.needle import needle_prompt
 from zigzag.scorers import window_attention
-
-@contextlib.contextmanager
-def attention(model, name: str):
-    original = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(original)
-
 
 def _batch(tok, lengths=(320, 230), seed=11):
     """Two needle contexts of different lengths, left padded, and a shared question."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_llama
-from tests.reference import keep_masks, masked_reference
+from tests.reference import attention, keep_masks, masked_reference
 from zigzag import prefill_context, varlen
 from zigzag.api import build_layer, gather_slots
 from zigzag.cache import CompressedLayer, ZigZagCache, random_cache
@@ -33,16 +33,6 @@ def backend(name: str, kv_block: int = 16):
             yield
     finally:
         varlen._backend, varlen.KV_BLOCK = old_backend, old_block
-
-
-@contextlib.contextmanager
-def attention(model, name: str):
-    original = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(original)
 
 
 def _naive(q, keys, values, offsets, bias, scale):

@@ -180,7 +180,6 @@ def run_case(rows, meter, model, ids, *, section, method, reps, decode_steps, **
 def largest_batch(model, ids, meter, limit: int, **kwargs) -> tuple[int, float]:
     """The largest batch (doubling, then bisection, up to ``limit``) whose cache, built from one row
     and repeated, runs decode steps without running out of memory; and its tokens/s."""
-    one = compress_cache(model, ids, **kwargs) if kwargs else plain_prefill(model, ids)
 
     def fits(batch: int) -> float | None:
         cache = None
@@ -198,7 +197,6 @@ def largest_batch(model, ids, meter, limit: int, **kwargs) -> tuple[int, float]:
             gc.collect()
             torch.cuda.empty_cache()
 
-    del one
     good, good_tps, batch = 0, 0.0, 1
     while batch <= limit:
         tps = fits(batch)

@@ -98,13 +98,13 @@ def test_cuda_chunked_prefill_peak_memory_follows_the_budget():
 # ---------------------------------------------------------------------------------------------- varlen layout (issue 6)
 
 
-@pytest.mark.parametrize("backend", ["segment", "flex"])
+@pytest.mark.parametrize("backend", ["triton", "segment", "flex"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_adakv_varlen_matches_masked_reference(attn, dtype, backend, monkeypatch):
-    """Head-wise budgets on CUDA: the varlen layout, attended by the segment path (the default) or by
-    compiled flex_attention (opt-in), equals the masked reference through a multi-token continuation
-    and decoding steps."""
+    """Head-wise budgets on CUDA: the varlen layout, attended by the Triton kernels (the default), the
+    segment path or compiled flex_attention (opt-in), equals the masked reference through a multi-token
+    continuation and decoding steps."""
     from zigzag import prefill_context, varlen
     from zigzag.varlen import VarlenLayer, get_backend
 

@@ -1,10 +1,12 @@
 """The varlen layout (head-wise budgets stored flat): exact against the masked float64 reference,
-its memory, and its two prefix backends (plain PyTorch segments and flex_attention, uncompiled here)."""
+its memory, and its prefix backends (plain PyTorch segments, flex_attention uncompiled, and the Triton
+kernels, interpreted without CUDA)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import warnings
 
 import pytest
@@ -19,6 +21,8 @@ from zigzag.merge import CosineMerge
 from zigzag.varlen import VarlenLayer, segment_attention
 
 BACKENDS = ["segment", "flex_eager"]
+# The Triton kernels as well, in Triton's interpreter without CUDA (see tests/conftest.py).
+MODEL_BACKENDS = BACKENDS + (["triton"] if importlib.util.find_spec("triton") else [])
 
 
 @contextlib.contextmanager
@@ -93,7 +97,7 @@ def _skewed_selection(mask: torch.Tensor, kv_heads: int, width: int, gen: torch.
     return kept
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", MODEL_BACKENDS)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_varlen_layers_match_masked_reference_while_decoding(attn, name):
     model = tiny_llama(attn, seed=2)
@@ -253,14 +257,19 @@ def _continuation_logits(model, ctx, question, cache):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attn, merge", [("sdpa", False), ("eager", False), ("sdpa", True)])
-def test_smollm2_adakv_varlen_equals_masked_full_cache(smollm2, attn, merge):
+@pytest.mark.parametrize(
+    "attn, merge, name",
+    [("sdpa", False, "segment"), ("eager", False, "segment"), ("sdpa", True, "segment")]
+    + ([("sdpa", True, "triton"), ("eager", False, "triton")] if "triton" in MODEL_BACKENDS else []),
+)
+def test_smollm2_adakv_varlen_equals_masked_full_cache(smollm2, attn, merge, name):
     """SmolLM2, batch 2 with left padding, a multi-token continuation: the varlen AdaKV cache (merged
-    with log(count) bias, or not) gives the logits of the masked float64 full cache."""
+    with log(count) bias, or not) gives the logits of the masked float64 full cache, with the PyTorch
+    segment path and with the Triton kernels."""
     model, tok = smollm2
     ctx, question = _batch(tok)
     seq = ctx.input_ids.shape[1]
-    with attention(model, attn):
+    with attention(model, attn), backend(name):
         pre = prefill_context(model, ctx)
         cache = pre.compress(0.6, "snapkv", "adakv", merge=CosineMerge(preserve_mass=True) if merge else None)
         assert sum(isinstance(layer, VarlenLayer) for layer in cache.layers) > 20

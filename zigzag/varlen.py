@@ -24,19 +24,23 @@ softmaxes, each with its log-sum-exp, combined as
     out = out_prefix * exp(lse_prefix - lse) + out_tail * exp(lse_tail - lse)
 
 The tail is ordinary attention under the model's own mask (causal and padding), which transformers
-builds for the appended tokens only (see :mod:`zigzag.attention`). The prefix has two backends:
+builds for the appended tokens only (see :mod:`zigzag.attention`). Three backends compute the attention:
 
-* ``"segment"`` (the default on CPU): plain PyTorch on the flat layout, one segment softmax over all
-  slots at once (``index_reduce`` / ``index_add``), no padding and no Python loop over heads.
-* ``"flex"`` (the default on CUDA): ``torch.nn.attention.flex_attention`` compiled with
+* ``"triton"`` (the default on CUDA): two Triton kernels (:mod:`zigzag.varlen_kernel`), split-KV
+  partial softmaxes over every segment's slots and the tail, then one log-sum-exp reduction. Reads the
+  query and the tail in place, no host sync, two launches per layer whatever the number of heads.
+* ``"segment"`` (the default elsewhere): plain PyTorch on the flat layout, one segment softmax over all
+  slots at once (a masked dense product, or ``index_reduce`` / ``index_add``), no padding and no Python
+  loop over heads. Exact, and the reference the kernels are tested against, but it makes float32
+  copies of the prefix at every step: slow for decoding.
+* ``"flex"`` (opt-in, experimental): ``torch.nn.attention.flex_attention`` compiled with
   ``torch.compile``. Each segment is cut into pieces that lie inside one window of ``piece_size``
   slots (a multiple of the 128-slot KV block); every piece is one "batch" entry of the flex call with
   its segment's queries, the keys and values are the flat layout passed as ``(1, 1, total, head_dim)``
   (flex broadcasts a key batch of 1), and a :class:`BlockMask` built once per layer restricts each
-  piece to its own slots. Pieces, not segments, so that a head holding three times the average
-  budget does not make one thread block do three times the work: the work per block is at most
-  ``piece_size`` slots whatever the skew. The pieces' partial results are merged per segment by
-  log-sum-exp. ``"flex_eager"`` is the same computation uncompiled (tests on CPU).
+  piece to its own slots. The pieces' partial results are merged per segment by log-sum-exp.
+  ``"flex_eager"`` is the same computation uncompiled (tests on CPU). It crashed once on the GPU (see
+  :func:`set_backend`).
 
 Choose with :func:`set_backend` or the ``ZIGZAG_VARLEN_BACKEND`` environment variable.
 
@@ -48,6 +52,7 @@ there. Nothing is patched.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
@@ -67,7 +72,7 @@ from zigzag.attention import (
 KV_BLOCK = 128
 """Slots per KV block of the flex BlockMask (flex_attention's default sparse block size)."""
 
-BACKENDS = ("auto", "segment", "flex", "flex_eager")
+BACKENDS = ("auto", "segment", "triton", "flex", "flex_eager")
 _backend = os.environ.get("ZIGZAG_VARLEN_BACKEND", "auto")
 
 
@@ -75,14 +80,14 @@ def set_backend(name: str) -> None:
     """Choose how the compressed prefix of a varlen layer is attended.
 
     Args:
-        name: ``"auto"`` (segment everywhere for now), ``"segment"``, ``"flex"`` (compiled with
-            torch.compile; experimental, see below) or ``"flex_eager"`` (flex uncompiled: slow, for
-            tests).
+        name: ``"auto"`` (``"triton"`` on CUDA when Triton imports, else ``"segment"``),
+            ``"triton"``, ``"segment"``, ``"flex"`` (compiled with torch.compile; experimental, see
+            below) or ``"flex_eager"`` (flex uncompiled: slow, for tests).
 
     The compiled flex path passed its CUDA tests and ran the Llama-3.1-8B-shape benchmark at batch 1,
     but in the SmolLM2 sweep (batch 50, 3 KV heads, head_dim 64) it hit a CUDA illegal memory access
     inside the inductor-generated kernel (benchmarks/RESULTS.md). Until that is understood, ``"auto"``
-    never picks it: a slow exact path beats a crash.
+    never picks it.
     """
     global _backend
     if name not in BACKENDS:
@@ -90,10 +95,20 @@ def set_backend(name: str) -> None:
     _backend = name
 
 
+def triton_available(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on ``device``: CUDA, or Triton's interpreter (tests)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def get_backend(device: torch.device) -> str:
-    """The backend :func:`set_backend` chose, with ``"auto"`` resolved for ``device``."""
+    """The backend :func:`set_backend` chose, with ``"auto"`` resolved for ``device``: ``"triton"`` on
+    CUDA when Triton imports, else ``"segment"``."""
     if _backend == "auto":
-        return "segment"
+        return "triton" if device.type == "cuda" and triton_available(device) else "segment"
+    if _backend == "triton" and not triton_available(device):
+        raise RuntimeError(f"the 'triton' varlen backend needs CUDA tensors and an importable triton; got {device}")
     return _backend
 
 
@@ -452,9 +467,19 @@ class VarlenLayer(DynamicLayer):
         segment, start, end, num_blocks, indices, table = self._pieces
         return (self.prefix_keys, self.prefix_values, segment, start, end, num_blocks, indices, table)
 
+    def _triton(self, query: torch.Tensor, scale: float, out_dtype: torch.dtype, **tail) -> tuple[torch.Tensor, torch.Tensor]:
+        from zigzag.varlen_kernel import varlen_attention  # imports triton: only when used
+
+        return varlen_attention(
+            query, self.prefix_keys, self.prefix_values, self.offsets, self.prefix_bias,
+            kv_heads=self.kv_heads, width=self.width, scale=scale, out_dtype=out_dtype, **tail,
+        )  # fmt: skip
+
     def attend_prefix(self, query: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``query (batch, Hq, rows, d)`` over the compressed prefix: ``out`` and ``lse``, float32."""
         backend = get_backend(query.device)
+        if backend == "triton":
+            return self._triton(query, scale, torch.float32)
         args = self._prefix_args(backend) + (self.prefix_bias,)
         return _attend(query, args, None, None, None, scale, False, self.kv_heads, backend=backend)
 
@@ -463,6 +488,9 @@ class VarlenLayer(DynamicLayer):
     ) -> torch.Tensor:
         """Exact attention of ``query (batch, Hq, rows, d)`` over prefix and tail, in the query's dtype."""
         backend = get_backend(query.device)
+        if backend == "triton":
+            tail = {"tail_keys": tail_keys, "tail_values": tail_values, "tail_mask": tail_mask, "causal": causal}
+            return self._triton(query, scale, query.dtype, **tail)[0]
         args = self._prefix_args(backend) + (self.prefix_bias,)
         out, _ = _attend(query, args, tail_keys, tail_values, tail_mask, scale, causal, self.kv_heads, backend=backend)
         return out.to(query.dtype)

@@ -439,18 +439,20 @@ def rank_tokens(scores: torch.Tensor) -> torch.Tensor:
     return scores.sort(dim=-1, descending=True, stable=True).indices
 
 
-def select_tokens(scores: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+def select_tokens(scores: torch.Tensor, budgets: torch.Tensor, width: int | None = None) -> torch.Tensor:
     """Pick each row's ``budgets[b]`` best tokens per KV head.
 
     Args:
         scores: ``(batch, kv_heads, seq)`` float; ``-inf`` on tokens that must never be kept.
         budgets: ``(batch,)`` or ``(batch, kv_heads)`` long, tokens to keep.
+        width: ``budgets.max()`` when the caller has it on the host (saves a device sync), or None.
 
     Returns:
         ``(batch, kv_heads, max budget)`` long: kept columns in ascending order, ``-1`` on the empty
         slots of rows (heads) whose budget is below the widest; empty slots come first.
     """
-    width = int(budgets.max()) if budgets.numel() else 0
+    if width is None:
+        width = int(budgets.max()) if budgets.numel() else 0
     if width == 0:
         return scores.new_empty(*scores.shape[:2], 0, dtype=torch.long)
     return keep_best(rank_tokens(scores)[..., :width], budgets)[0]
@@ -480,7 +482,13 @@ def gather_slots(states: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 
 def build_layer(
-    keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, valid: torch.Tensor, merger=None
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    kept: torch.Tensor,
+    valid: torch.Tensor,
+    merger=None,
+    *,
+    row_budgets: torch.Tensor | None = None,
 ) -> CompressedLayer | VarlenLayer:
     """The compressed layer that keeps ``kept`` of one layer's full ``keys``/``values``.
 
@@ -489,6 +497,9 @@ def build_layer(
         kept: ``(batch, kv_heads, n)`` long from :func:`select_tokens` (ascending, ``-1`` = empty slot).
         valid: ``(batch, seq)`` bool, False on left padding (padding is never merged).
         merger: None, or a merge object (:mod:`zigzag.merge`) folding evicted tokens into survivors.
+        row_budgets: ``(batch,)`` host tensor of each row's budget when all its KV heads keep that many
+            (layer-wise allocators); the layout is then known without a device sync. None: read it
+            from ``kept``.
 
     Returns:
         A dense :class:`~zigzag.cache.CompressedLayer` ``(batch, kv_heads, n, head_dim)`` when, in every
@@ -503,7 +514,9 @@ def build_layer(
         merged_values = merged.values
         if getattr(merger, "preserve_mass", False):
             bias = merged.counts.clamp(min=1.0).log()  # empty slots (count 0) are masked anyway
-    if heads_differ(kept):
+    if row_budgets is None and heads_differ(kept):
         return VarlenLayer.from_full(keys, values, kept, merged_values=merged_values, prefix_bias=bias)
     out_values = gather_slots(values, kept) if merged_values is None else merged_values
-    return CompressedLayer(gather_slots(keys, kept), out_values, kept, original_length=keys.shape[2], prefix_bias=bias)
+    return CompressedLayer(
+        gather_slots(keys, kept), out_values, kept, original_length=keys.shape[2], prefix_bias=bias, row_budgets=row_budgets
+    )

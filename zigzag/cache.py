@@ -42,6 +42,8 @@ class CompressedLayer(DynamicLayer):
         kept_positions: torch.Tensor,
         original_length: int,
         prefix_bias: torch.Tensor | None = None,
+        *,
+        row_budgets: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if keys.shape != values.shape or keys.shape[:3] != kept_positions.shape:
@@ -55,11 +57,20 @@ class CompressedLayer(DynamicLayer):
         self.kept_positions = kept_positions
         self.original_length = int(original_length)
         self.prefix_bias = prefix_bias
-        self._set_slots(kept_positions)
+        self._set_slots(kept_positions, row_budgets)
 
-    def _set_slots(self, kept_positions: torch.Tensor) -> None:
+    def _set_slots(self, kept_positions: torch.Tensor, row_budgets: torch.Tensor | None = None) -> None:
+        """Which slots are real, decided once here, never during attention.
+
+        ``row_budgets``: ``(batch,)`` host tensor, the tokens every KV head of each row keeps, when the
+        caller knows them (layer-wise budgets, empty slots first): the layout then follows without
+        reading ``kept_positions`` back from the accelerator, which would stall the prefill."""
         slot_valid = kept_positions >= 0  # (batch, kv_heads, kept)
-        # Decided once here (one sync), never during attention.
+        width = kept_positions.shape[-1]
+        if row_budgets is not None:
+            self.prefix_full = bool((row_budgets.cpu() >= width).all())
+            self.slot_valid = slot_valid[:, :1]  # every head of a row keeps as many: one layout serves all
+            return
         self.prefix_full = bool(slot_valid.all())
         if slot_valid.shape[1] > 1 and bool((slot_valid == slot_valid[:, :1]).all()):
             slot_valid = slot_valid[:, :1]  # all heads share a layout: one row of the mask serves all

@@ -124,12 +124,17 @@ def _take_ranked(ranked: torch.Tensor, keys: torch.Tensor, values: torch.Tensor)
     return keys.gather(2, index), values.gather(2, index)
 
 
-def _finish(positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, budget: torch.Tensor, seq: int) -> CompressedLayer | VarlenLayer:
-    """Slots of the best-first ``positions`` within ``budget`` ((batch,) or (batch, kv_heads)), ascending."""
+def _finish(
+    positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, budget: torch.Tensor, host_budget: torch.Tensor, seq: int
+) -> CompressedLayer | VarlenLayer:
+    """Slots of the best-first ``positions`` within ``budget`` ((batch,) or (batch, kv_heads), and its
+    host copy), ascending."""
     kept, order = keep_best(positions, budget)
     index = order[..., None].expand_as(keys)
     slot = (kept >= 0)[..., None].to(keys.dtype)
     keys, values = keys.gather(2, index) * slot, values.gather(2, index) * slot
+    if host_budget.dim() == 1:  # layer-wise budgets: every head of a row keeps as many
+        return CompressedLayer(keys, values, kept, original_length=seq, row_budgets=host_budget)
     if heads_differ(kept):  # head-wise budgets: store only the kept slots
         return VarlenLayer.from_padded(keys, values, kept, original_length=seq)
     return CompressedLayer(keys, values, kept, original_length=seq)
@@ -199,9 +204,12 @@ class _LayerwiseCompressor:
             held = held + (self.cache.layers[0].kept_positions[:, 0] >= 0).sum(dim=-1)
         self.pool = held.cpu()
         allocator = self.allocator if final else Uniform()  # earlier chunks: every layer keeps the average
+        # Everything the layers need from the host is read here, once per chunk: a read inside a layer
+        # hook would stall the accelerator until that layer is done.
+        self.avg_width = int(self.avg_budget.max())
         self.budgets = None
         if not allocator.needs_lmba:
-            self.budgets = allocator.allocate(self.avg_budget.cpu(), self.pool, self.num_layers, None)
+            self._set_budgets(allocator.allocate(self.avg_budget.cpu(), self.pool, self.num_layers, None))
         self.window = min(self.window_wanted, end - start)
         self.capture = _QueryCapture(
             window=self.window, stats_skip=self.stats_skip, heads=self.heads, head_dim=self.head_dim, valid=ctx.valid[:, start:end]
@@ -218,6 +226,11 @@ class _LayerwiseCompressor:
                 use_cache=True,
                 logits_to_keep=1,
             )
+
+    def _set_budgets(self, budgets: torch.Tensor) -> None:
+        """``(batch, layers)`` or ``(batch, layers, kv_heads)`` host budgets, and their device copy."""
+        self.budgets = budgets
+        self.budgets_device = budgets.to(self.ctx.input_ids.device)
 
     def _hook(self, layer: int):
         def after_attention(module, args, output):
@@ -276,16 +289,20 @@ class _LayerwiseCompressor:
             scores = score_layer(self.scorer, view)
         seq = self.end
         if self.budgets is not None:
-            layer_budget = self.budgets[:, layer].to(scores.device)
-            if self.final and hasattr(self.allocator, "split_heads"):
-                layer_budget = self.allocator.split_heads(scores, slots.valid, layer_budget)
-            kept = select_tokens(scores, layer_budget)
+            layer_budget, host_budget = self.budgets_device[:, layer], self.budgets[:, layer]
+            if self.final and hasattr(self.allocator, "split_heads"):  # head-wise inside the layer (AdaKV)
+                layer_budget, host_budget = self.allocator.split_heads(scores, slots.valid, layer_budget), None
+                kept = select_tokens(scores, layer_budget)
+            else:
+                kept = select_tokens(scores, layer_budget, width=int(host_budget.max()))
+            row_budgets = host_budget if host_budget is not None and host_budget.dim() == 1 else None
             if not slots.per_head:
-                self.cache.layers[layer] = build_layer(slots.keys, slots.values, kept, slots.valid, self.merger if self.final else None)
+                merger = self.merger if self.final else None
+                self.cache.layers[layer] = build_layer(slots.keys, slots.values, kept, slots.valid, merger, row_budgets=row_budgets)
             else:
                 columns = torch.where(kept >= 0, slots.columns.gather(2, kept.clamp(min=0)), -1)
                 self.cache.layers[layer] = CompressedLayer(
-                    gather_slots(slots.keys, kept), gather_slots(slots.values, kept), columns, original_length=seq
+                    gather_slots(slots.keys, kept), gather_slots(slots.values, kept), columns, original_length=seq, row_budgets=row_budgets
                 )
         else:
             window_queries = last(self.allocator.window)
@@ -297,7 +314,7 @@ class _LayerwiseCompressor:
                 measured = self.allocator.measure(mass, view.valid)
                 self.lmba.append(measured.reshape(scores.shape[0], -1).mean(dim=1) if slots.per_head else measured)
             ranked = rank_tokens(scores)
-            width = int(self.avg_budget.max())
+            width = self.avg_width
             top_keys, top_values = _take_ranked(ranked[..., :width], slots.keys, slots.values)
             rest_keys, rest_values = _take_ranked(ranked[..., width:], slots.keys, slots.values)
             columns = slots.columns.gather(2, ranked)
@@ -323,21 +340,23 @@ class _LayerwiseCompressor:
         if self.budgets is None:
             lmba = torch.stack(self.lmba, dim=1).cpu()
             # A layer can keep at most what it holds (all the row's tokens, unless chunks were cut already).
-            self.budgets = self.allocator.allocate(self.avg_budget.cpu(), self.pool, self.num_layers, lmba)
+            self._set_budgets(self.allocator.allocate(self.avg_budget.cpu(), self.pool, self.num_layers, lmba))
             device = ctx.input_ids.device
             _host_ready(device)
-            width = int(self.avg_budget.max())
+            width = self.avg_width
             # Shrink first, grow after: the cache never holds more than its final size plus one layer.
             order = sorted(range(self.num_layers), key=lambda i: int(self.budgets[:, i].max()) > width)
             for i in order:
                 pending = self.pending.pop(i)
-                budget = self.budgets[:, i].to(device)
+                budget, host_budget = self.budgets_device[:, i], self.budgets[:, i]
+                width = int(host_budget.max())
                 if self.merger is not None:
                     ranked, keys, values = pending.full(device)
-                    kept = keep_best(ranked[..., : int(budget.max())], budget)[0]
-                    self.cache.layers[i] = build_layer(keys, values, kept, ctx.valid, self.merger)
+                    kept = keep_best(ranked[..., :width], budget)[0]
+                    row_budgets = host_budget if host_budget.dim() == 1 else None
+                    self.cache.layers[i] = build_layer(keys, values, kept, ctx.valid, self.merger, row_budgets=row_budgets)
                 else:
-                    self.cache.layers[i] = _finish(*pending.best(int(budget.max()), device), budget, seq)
+                    self.cache.layers[i] = _finish(*pending.best(width, device), budget, host_budget, seq)
         budgets = self.budgets
         if budgets.dim() == 3:  # head-wise allocator: report per layer (mean per KV head, exact row totals)
             budgets, lmba = layer_mean_budgets(budgets), lmba.mean(dim=-1)

@@ -126,45 +126,45 @@ def _partial_kernel(
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
     elif HAS_TAIL:
-        for start in range(0, n_tail, BLOCK_N):
-            c = start + tl.arange(0, BLOCK_N)
-            c_ok = c < n_tail
-            k = tl.load(
-                tk_ptr + b * s_tkb + h * s_tkh + c[:, None] * s_tkn + d[None, :],
-                mask=c_ok[:, None] & d_ok[None, :],
+        for t_start in range(0, n_tail, BLOCK_N):
+            tc = t_start + tl.arange(0, BLOCK_N)
+            tc_ok = tc < n_tail
+            tk = tl.load(
+                tk_ptr + b * s_tkb + h * s_tkh + tc[:, None] * s_tkn + d[None, :],
+                mask=tc_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
             if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                ts = tl.dot(q, tl.trans(tk), input_precision="ieee")
             else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * scale
-            visible = r_ok[:, None] & c_ok[None, :]
+                ts = tl.dot(q, tl.trans(tk))
+            ts = ts * scale
+            t_visible = r_ok[:, None] & tc_ok[None, :]
             if HAS_MASK:
-                s += tl.load(
-                    mask_ptr + b * s_mb + (h * group + j)[:, None] * s_mh + i[:, None] * s_mi + c[None, :] * s_mj,
-                    mask=visible,
+                ts += tl.load(
+                    mask_ptr + b * s_mb + (h * group + j)[:, None] * s_mh + i[:, None] * s_mi + tc[None, :] * s_mj,
+                    mask=t_visible,
                     other=0.0,
                 )
             if CAUSAL:
-                visible = visible & (c[None, :] <= i[:, None] + (n_tail - rows))
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+                t_visible = t_visible & (tc[None, :] <= i[:, None] + (n_tail - rows))
+            ts = tl.where(t_visible, ts, float("-inf"))
+            tm_new = tl.maximum(m_i, tl.max(ts, 1))
             # A row fully masked so far keeps m = -inf; subtract 0 there so that exp gives 0, not NaN.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(
-                tv_ptr + b * s_tvb + h * s_tvh + c[:, None] * s_tvn + d[None, :],
-                mask=c_ok[:, None] & d_ok[None, :],
+            tm_safe = tl.where(tm_new == float("-inf"), 0.0, tm_new)
+            t_alpha = tl.exp(m_i - tm_safe)
+            tp = tl.exp(ts - tm_safe[:, None])
+            l_i = l_i * t_alpha + tl.sum(tp, 1)
+            tv = tl.load(
+                tv_ptr + b * s_tvb + h * s_tvh + tc[:, None] * s_tvn + d[None, :],
+                mask=tc_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
             if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                acc = acc * t_alpha[:, None] + tl.dot(tp.to(tv.dtype), tv, input_precision="ieee")
             else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+                acc = acc * t_alpha[:, None] + tl.dot(tp.to(tv.dtype), tv)
+            m_i = tm_new
 
     empty = l_i == 0.0
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))

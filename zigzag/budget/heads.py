@@ -166,8 +166,8 @@ class ZigZagHeads:
         groups = heads // kv_heads
         if self.group == "mass":
             grouped = attention.reshape(batch, kv_heads, groups, seq).mean(dim=2)
-            return lmba_per_head(grouped, valid, self.tau).to(torch.float64)
-        per_query = lmba_per_head(attention, valid, self.tau).to(torch.float64)
+            return lmba_per_head(grouped, valid, self.tau, check_values=False).to(torch.float64)
+        per_query = lmba_per_head(attention, valid, self.tau, check_values=False).to(torch.float64)
         return per_query.reshape(batch, kv_heads, groups).mean(dim=-1)
 
     def allocate(

@@ -34,7 +34,9 @@ def _check_tau(tau: float) -> None:
         raise ValueError(f"tau must lie in (0, 1] (fraction of the attention mass); got {tau}")
 
 
-def lmba_per_head(attention: torch.Tensor, valid: torch.Tensor | None = None, tau: float = 0.9) -> torch.Tensor:
+def lmba_per_head(
+    attention: torch.Tensor, valid: torch.Tensor | None = None, tau: float = 0.9, *, check_values: bool = True
+) -> torch.Tensor:
     """LMBA of each head: the fewest tokens holding a fraction ``tau`` of the head's attention mass.
 
     ZigZagKV, https://arxiv.org/abs/2412.09036, Section 3 (layer uncertainty). Per row and head, sort
@@ -56,6 +58,9 @@ def lmba_per_head(attention: torch.Tensor, valid: torch.Tensor | None = None, ta
             make every layer look alike.
         valid: ``(batch, seq)`` bool, False on padding; None means all valid.
         tau: fraction of the mass, in ``(0, 1]`` (the paper uses 0.9).
+        check_values: verify that ``attention`` is finite and ``>= 0``. The check reads the result
+            back from the accelerator (a sync); :meth:`ZigZag.measure` skips it for the softmax mass
+            it is handed during the prefill.
 
     Returns:
         ``(batch, heads)`` long, in ``[0, seq]``.
@@ -74,9 +79,9 @@ def lmba_per_head(attention: torch.Tensor, valid: torch.Tensor | None = None, ta
         if tuple(valid.shape) != (batch, seq):
             raise ValueError(f"valid must have shape (batch, seq) = ({batch}, {seq}); got {tuple(valid.shape)}")
         attention = attention.masked_fill(~valid.to(attention.device)[:, None, :], 0.0)
-    if not bool(torch.isfinite(attention).all()):
+    if check_values and not bool(torch.isfinite(attention).all()):
         raise ValueError("attention must be finite; got inf or nan")
-    if bool((attention < 0).any()):
+    if check_values and bool((attention < 0).any()):
         raise ValueError(f"attention must be >= 0 (attention mass); got a minimum of {attention.min().item()}")
     if seq == 0:
         return torch.zeros(batch, heads, dtype=torch.long, device=attention.device)
@@ -92,7 +97,7 @@ def lmba_per_head(attention: torch.Tensor, valid: torch.Tensor | None = None, ta
     return torch.where(total[..., 0] > 0, count, torch.zeros_like(count))
 
 
-def lmba(attention: torch.Tensor, valid: torch.Tensor | None = None, tau: float = 0.9) -> torch.Tensor:
+def lmba(attention: torch.Tensor, valid: torch.Tensor | None = None, tau: float = 0.9, *, check_values: bool = True) -> torch.Tensor:
     """Layer uncertainty of ZigZagKV: :func:`lmba_per_head` averaged over the heads.
 
     Paper: https://arxiv.org/abs/2412.09036.
@@ -101,11 +106,12 @@ def lmba(attention: torch.Tensor, valid: torch.Tensor | None = None, tau: float 
         attention: ``(batch, heads, seq)`` real attention mass per query head, ``>= 0``.
         valid: ``(batch, seq)`` bool or None.
         tau: fraction of the mass, in ``(0, 1]``.
+        check_values: as in :func:`lmba_per_head`.
 
     Returns:
         ``(batch,)`` float64, the mean over heads of the per-head counts.
     """
-    per_head = lmba_per_head(attention, valid, tau)
+    per_head = lmba_per_head(attention, valid, tau, check_values=check_values)
     if per_head.shape[1] == 0:
         raise ValueError("attention must have at least one head; got heads=0")
     return per_head.to(torch.float64).mean(dim=-1)
@@ -210,8 +216,10 @@ class ZigZag:
         """One layer's LMBA with this allocator's ``tau``: ``(batch, heads, seq) -> (batch,)`` float64.
 
         See :func:`lmba`. Stack the results of the ``L`` layers along dim 1 for :meth:`allocate`.
+        ``attention`` is softmax mass (finite, ``>= 0``), so it is not read back to be checked: this
+        runs inside the prefill, once per layer.
         """
-        return lmba(attention, valid, self.tau)
+        return lmba(attention, valid, self.tau, check_values=False)
 
     def bound(self, avg_budget: torch.Tensor) -> torch.Tensor:
         """``B_bound = floor(bound_fraction * avg_budget)``: ``(batch,)`` long -> ``(batch,)`` long."""

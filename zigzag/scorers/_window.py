@@ -81,10 +81,10 @@ def window_attention(
     causal = k_index[None, :] <= q_index[:, None]  # (window, seq)
     visible = causal[None, None] & valid.to(device=device, dtype=torch.bool)[:, None, None, :]  # (batch, 1, window, seq)
 
-    logits = logits.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    # In place: the logits are (batch, heads, window, seq) float32, the largest tensor of the step.
+    probs = torch.softmax(logits.masked_fill_(~visible, float("-inf")), dim=-1)
     # Rows with no visible key are all -inf and softmax gives NaN there: make them zero.
-    return torch.where(visible.any(dim=-1, keepdim=True), probs, torch.zeros((), device=device))
+    return probs.masked_fill_(~visible.any(dim=-1, keepdim=True), 0.0)
 
 
 def group_mean(x: torch.Tensor, kv_heads: int) -> torch.Tensor:

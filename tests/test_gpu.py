@@ -166,3 +166,29 @@ def test_cuda_random_varlen_cache_frees_memory_and_equals_dense():
     out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), past_key_values=varlen,
                          max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape == (batch, length + 13)
+
+
+# ---------------------------------------------------------------------------------------------- query statistics
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_query_moments_match_float64(dtype):
+    """The half-precision moments (exact products, float32 sums, no float32 copy) against float64, on
+    queries with a large mean (the cancellation case), with padding and skipped sinks."""
+    from zigzag.api import query_moments_half
+
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    batch, seq, heads, d = 2, 3000, 4, 64
+    q = (torch.randn(batch, seq, heads, d, generator=gen) + 4.0 * torch.randn(1, 1, heads, d, generator=gen)).to("cuda", dtype)
+    use = torch.ones(batch, seq)
+    use[1, :700] = 0  # padding
+    use[:, 700:704] = 0  # sinks
+    use = use.cuda()
+    count = use.sum(-1)[:, None, None]
+    mean, cov = query_moments_half(q, use, count)
+    q64, w = q.double(), use.double()
+    ref_mean = torch.einsum("bs,bshd->bhd", w, q64) / count.double()
+    centered = (q64 - ref_mean[:, None]) * w[:, :, None, None]
+    ref_cov = torch.einsum("bshd,bshe->bhde", centered, centered) / count.double()[..., None]
+    torch.testing.assert_close(mean.double(), ref_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cov.double(), ref_cov, atol=2e-4, rtol=1e-4)

@@ -202,20 +202,25 @@ def query_moments_half(q: torch.Tensor, use: torch.Tensor, count: torch.Tensor) 
     Returns:
         ``mean (batch, heads, head_dim)`` and ``cov (batch, heads, head_dim, head_dim)`` float32.
 
-    Products of half-precision numbers are exact in float32, and ``bmm(..., out_dtype=float32)`` sums
-    them in float32 on tensor cores, so ``E[q q^T] - mu mu^T`` loses only what float32 cancellation
-    loses (relative ``~1e-6 |mu|^2 / var``), less than centring a float32 copy under TF32 would, at a
-    fraction of the memory traffic (the float32 path reads and writes 512 MB per layer at 32k tokens).
+    The mean is a float32 sum (``bmm(..., out_dtype=float32)``: half-precision products are exact in
+    float32). The covariance is taken around ``s``, the mean rounded to the queries' dtype:
+    ``E[(q - s)(q - s)^T] - (mu - s)(mu - s)^T``. Shifting first matters: queries have dimensions whose
+    mean is many standard deviations (``E[q q^T] - mu mu^T`` would cancel away float32's digits there),
+    and ``q - s`` rounded to half precision errs by ``2^-9`` of a deviation, randomly, which averages out
+    over the tokens. Memory traffic is two half-precision passes instead of the float32 path's copy,
+    centring and masking (512 MB each per layer at 32k tokens and 32 heads).
     """
     batch, seq, heads, head_dim = q.shape
     weights = use.to(q.dtype)  # 0 / 1: exact in half precision
     mean = torch.bmm(weights[:, None, :], q.reshape(batch, seq, heads * head_dim), out_dtype=torch.float32)
     mean = mean.view(batch, heads, head_dim) / count
-    by_head = q.permute(0, 2, 1, 3).reshape(batch * heads, seq, head_dim)  # a view when batch == 1
-    weighted = (q * weights[:, :, None, None]).permute(0, 2, 3, 1).reshape(batch * heads, head_dim, seq)
-    second = torch.bmm(weighted, by_head, out_dtype=torch.float32).view(batch, heads, head_dim, head_dim)
-    cov = second / count[..., None] - mean[..., :, None] * mean[..., None, :]
-    return mean, cov
+    shift = mean.to(q.dtype)
+    centred = torch.sub(q, shift[:, None]).mul_(weights[:, :, None, None])  # (batch, seq, heads, head_dim)
+    rows = centred.permute(0, 2, 1, 3).reshape(batch * heads, seq, head_dim)  # views when batch == 1
+    columns = centred.permute(0, 2, 3, 1).reshape(batch * heads, head_dim, seq)
+    second = torch.bmm(columns, rows, out_dtype=torch.float32).view(batch, heads, head_dim, head_dim) / count[..., None]
+    delta = mean - shift.float()
+    return mean, second - delta[..., :, None] * delta[..., None, :]
 
 
 def _query_projection(attention: nn.Module) -> nn.Module:

@@ -539,8 +539,8 @@ class VarlenLayer(DynamicLayer):
             grown_k[:, :, :n] = self._tail_keys[:, :, :n]
             grown_v[:, :, :n] = self._tail_values[:, :, :n]
             self._tail_keys, self._tail_values = grown_k, grown_v
-        self._tail_keys[:, :, n : n + new] = key_states
-        self._tail_values[:, :, n : n + new] = value_states
+        self._tail_keys.narrow(2, n, new).copy_(key_states)
+        self._tail_values.narrow(2, n, new).copy_(value_states)
         self._appended = n + new
         self._expose_tail()
         return VarlenKeys.wrap(self.keys, self), self.values

@@ -41,7 +41,12 @@ PROGRAMS_PER_SM = 4
 """Target programs per streaming multiprocessor for the split-KV kernel (one wave of a few blocks)."""
 
 
-@triton.jit
+# Integers that change from call to call (tail length, query rows, splits, tail strides as its buffer
+# grows) are not specialised on: each new value's divisibility would otherwise compile a new kernel in
+# the middle of decoding.
+@triton.jit(
+    do_not_specialize=["rows", "m", "chunk", "prefix_splits", "n_tail", "s_tkb", "s_tkh", "s_tvb", "s_tvh", "s_mb", "s_mh", "s_mi"]
+)
 def _partial_kernel(
     q_ptr,  # (batch, Hq, rows, head_dim), strided
     k_ptr,  # (total, head_dim) flat keys, row stride stride_kt, unit column stride
@@ -174,7 +179,7 @@ def _partial_kernel(
     tl.store(out_ptr + (base * m + r)[:, None] * BLOCK_D + d[None, :], out, mask=r_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits", "m"])
 def _reduce_kernel(
     part_out_ptr,  # (Z, S, m, BLOCK_D) float32
     part_lse_ptr,  # (Z, S, m) float32

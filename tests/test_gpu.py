@@ -191,4 +191,6 @@ def test_cuda_half_query_moments_match_float64(dtype):
     centered = (q64 - ref_mean[:, None]) * w[:, :, None, None]
     ref_cov = torch.einsum("bshd,bshe->bhde", centered, centered) / count.double()[..., None]
     torch.testing.assert_close(mean.double(), ref_mean, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cov.double(), ref_cov, atol=2e-4, rtol=1e-4)
+    # Within the queries' own precision (2^-9 relative) of the float64 covariance (variances ~1 here,
+    # means up to ~12 standard deviations): what shifting before the float32 sums buys.
+    torch.testing.assert_close(cov.double(), ref_cov, atol=4e-3, rtol=0)

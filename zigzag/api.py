@@ -205,10 +205,11 @@ def query_moments_half(q: torch.Tensor, use: torch.Tensor, count: torch.Tensor) 
     The mean is a float32 sum (``bmm(..., out_dtype=float32)``: half-precision products are exact in
     float32). The covariance is taken around ``s``, the mean rounded to the queries' dtype:
     ``E[(q - s)(q - s)^T] - (mu - s)(mu - s)^T``. Shifting first matters: queries have dimensions whose
-    mean is many standard deviations (``E[q q^T] - mu mu^T`` would cancel away float32's digits there),
-    and ``q - s`` rounded to half precision errs by ``2^-9`` of a deviation, randomly, which averages out
-    over the tokens. Memory traffic is two half-precision passes instead of the float32 path's copy,
-    centring and masking (512 MB each per layer at 32k tokens and 32 heads).
+    mean is many standard deviations (``E[q q^T] - mu mu^T`` would cancel away float32's digits there).
+    ``q - s`` rounded to half precision errs by up to ``2^-9`` of itself, so entries are within about
+    0.2% of the float64 covariance (tested on CUDA): the precision the bfloat16 queries had to begin
+    with. Memory traffic is two half-precision passes instead of the float32 path's copy, centring and
+    masking (512 MB each per layer at 32k tokens and 32 heads).
     """
     batch, seq, heads, head_dim = q.shape
     weights = use.to(q.dtype)  # 0 / 1: exact in half precision

@@ -1,6 +1,9 @@
 """Summaries and plots of a RULER run folder: summary.csv, accuracy_vs_ratio.png, budget_profile.png.
 
-    python -m benchmarks.ruler.report results/ruler-4k
+    python -m benchmarks.ruler.report results/ruler-4k [--task core5] [--plot-top 8]
+
+accuracy_vs_ratio.png draws one line per (scorer, budget, merge) setting and, per protocol, only the
+--plot-top best by mean score over the ratios they ran (0: all); summary.csv always lists every setting.
 """
 
 from __future__ import annotations
@@ -55,34 +58,93 @@ def write_summary(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def plot_accuracy(rows: list[dict], path: Path, task: str = "core5") -> None:
-    """Accuracy vs ratio, one panel per protocol: colour = scorer, line style = budget."""
+MERGE_STYLES = {"off": ("-", "o"), "cosine": ("--", "s"), "cosine+mass": (":", "^")}
+_EXTRA_MERGE_STYLES = [("-.", "D"), ((0, (5, 1, 1, 1, 1, 1)), "v"), ((0, (1, 3)), "P")]
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def rank_settings(rows: list[dict], protocol: str, task: str = "core5") -> list[tuple[tuple, dict[float, float]]]:
+    """The compressed settings ``(scorer, budget, merge)`` of one protocol with their ``task`` score per
+    ratio, best first by the mean score over the ratios each setting ran (ties by name)."""
+    lines: dict[tuple, dict[float, float]] = defaultdict(dict)
+    for r in rows:
+        if r["protocol"] == protocol and r["task"] == task and r["scorer"] != "none":
+            lines[(r["scorer"], r["budget"], r["merge"])][r["ratio"]] = r["score"]
+    return sorted(lines.items(), key=lambda kv: (-_mean(kv[1].values()), kv[0]))
+
+
+def plot_accuracy(rows: list[dict], path: Path, task: str = "core5", top: int | None = 8) -> dict[str, dict]:
+    """Accuracy vs ratio, one panel per protocol, one line per (scorer, budget, merge) setting.
+
+    Only the ``top`` settings of each panel with the best mean score over the ratios they ran are drawn
+    (all of them when ``top`` is None or 0), plus the uncompressed reference. Colour = (scorer, budget),
+    the same in every panel; line style and marker = merge mode, so the merge modes of one setting share
+    a colour. Each panel has its own legend, best line first.
+
+    Returns, per protocol, the panel's title, its drawn lines (label, colour, linestyle, marker, x, y,
+    read back from the axes) and its legend labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
 
     protocols = sorted({r["protocol"] for r in rows})
-    fig, axes = plt.subplots(1, len(protocols), figsize=(6.5 * len(protocols), 4.8), squeeze=False, sharey=True)
-    styles = {"uniform": "-", "pyramid": ":", "zigzag": "--"}
-    colors = {}
+    ranked = {protocol: rank_settings(rows, protocol, task) for protocol in protocols}
+    shown = {protocol: lines[:top] if top else lines for protocol, lines in ranked.items()}
+    # Colours by (scorer, budget) in order of first appearance (panel by panel, best first).
+    pairs: list[tuple] = []
+    for lines in shown.values():
+        for key, _ in lines:
+            if key[:2] not in pairs:
+                pairs.append(key[:2])
+    # tab10 without its grey (too close to the black reference), then the light tab20 shades, then tab20b.
+    palette = [to_hex(c) for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]
+    palette += [to_hex(c) for i, c in enumerate(plt.get_cmap("tab20").colors) if i % 2 and i != 15]
+    palette += [to_hex(c) for c in plt.get_cmap("tab20b").colors]
+    colors = {pair: palette[i % len(palette)] for i, pair in enumerate(pairs)}
+    merges = sorted({key[2] for lines in shown.values() for key, _ in lines} - set(MERGE_STYLES))
+    merge_styles = {**MERGE_STYLES, **{m: _EXTRA_MERGE_STYLES[i % len(_EXTRA_MERGE_STYLES)] for i, m in enumerate(merges)}}
+
+    longest = max((len(lines) for lines in shown.values()), default=0)
+    fig, axes = plt.subplots(1, len(protocols), figsize=(6.5 * len(protocols), 5.0 + 0.22 * longest), squeeze=False, sharey=True)
+    drawn: dict[str, dict] = {}
     for ax, protocol in zip(axes[0], protocols):
-        sel = [r for r in rows if r["protocol"] == protocol and r["task"] == task]
-        base = [r["score"] for r in sel if r["scorer"] == "none"]
+        base = [r["score"] for r in rows if r["protocol"] == protocol and r["task"] == task and r["scorer"] == "none"]
         if base:
-            ax.axhline(base[0], color="black", lw=1, label="no compression")
-        for (scorer, budget) in sorted({(r["scorer"], r["budget"]) for r in sel if r["scorer"] != "none"}):
-            line = sorted((r["ratio"], r["score"]) for r in sel if r["scorer"] == scorer and r["budget"] == budget)
-            color = colors.setdefault(scorer, f"C{len(colors)}")
-            ax.plot(*zip(*line), styles.get(budget, "-."), color=color, marker="o", ms=3, label=f"{scorer} / {budget}")
-        ax.set_title(f"{protocol}: {task} average")
+            ax.axhline(base[0], color="black", lw=1.2, label=f"no compression ({base[0]:.1f})")
+        for (scorer, budget, merge), by_ratio in shown[protocol]:
+            xs, ys = zip(*sorted(by_ratio.items()))
+            linestyle, marker = merge_styles[merge]
+            ax.plot(xs, ys, linestyle=linestyle, marker=marker, ms=5, lw=1.6, color=colors[(scorer, budget)],
+                    label=f"{scorer} / {budget} / merge {merge} (mean {_mean(ys):.1f})")
+        n_all, n_shown = len(ranked[protocol]), len(shown[protocol])
+        which = f"top {n_shown} of {n_all} settings by mean score" if n_shown < n_all else f"all {n_all} settings"
+        ax.set_title(f"{protocol}: {task} average ({which})", fontsize=10)
         ax.set_xlabel("compression ratio (fraction removed)")
         ax.grid(alpha=0.3)
+        legend = ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False,
+                           title="scorer / budget / merge (mean score over the ratios it ran)\n"
+                                 "colour = scorer + budget; line style + marker = merge mode",
+                           title_fontsize=7.5)
+        drawn[protocol] = {
+            "title": ax.get_title(),
+            "lines": [{"label": ln.get_label(), "color": to_hex(ln.get_color()), "linestyle": ln.get_linestyle(),
+                       "marker": ln.get_marker(), "x": list(ln.get_xdata()), "y": list(ln.get_ydata())} for ln in ax.get_lines()],
+            "legend": [t.get_text() for t in legend.get_texts()],
+        }
     axes[0][0].set_ylabel("score (x100)")
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if top:
+        fig.suptitle(f"RULER {task}: per protocol, the top {top} settings by mean score over the ratios they ran "
+                     "(summary.csv has all)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
+    return drawn
 
 
 def plot_budgets(out_dir: Path, path: Path) -> bool:
@@ -123,11 +185,13 @@ def plot_budgets(out_dir: Path, path: Path) -> bool:
     return True
 
 
-def write_report(out_dir: Path, plots: bool = True) -> list[dict]:
+def write_report(out_dir: Path, plots: bool = True, task: str = "core5", plot_top: int | None = 8) -> list[dict]:
+    """Write summary.csv (every setting) and, with ``plots``, the two figures; accuracy_vs_ratio.png
+    shows ``task`` and only the ``plot_top`` best settings per protocol (all when None or 0)."""
     rows = summarize(load_records(out_dir))
     write_summary(rows, out_dir / "summary.csv")
     if plots and rows:
-        plot_accuracy(rows, out_dir / "accuracy_vs_ratio.png")
+        plot_accuracy(rows, out_dir / "accuracy_vs_ratio.png", task=task, top=plot_top)
         plot_budgets(out_dir, out_dir / "budget_profile.png")
     return rows
 
@@ -164,8 +228,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--table", action="store_true", help="print the score table (after writing summary.csv)")
     p.add_argument("--task", default="core5", help="core5 (only settings that ran all five core tasks), avg, or a task")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--plot-top", type=int, default=8, metavar="N",
+                   help="accuracy_vs_ratio.png draws, per protocol, only the N settings with the best mean score over "
+                        "the ratios they ran (0: all); summary.csv always has all (default: 8)")
     args = p.parse_args(argv)
-    rows = write_report(args.out, plots=not args.no_plots)
+    if args.plot_top < 0:
+        p.error("--plot-top must be >= 0")
+    rows = write_report(args.out, plots=not args.no_plots, task=args.task, plot_top=args.plot_top)
     if args.table:
         print(format_table(rows, args.task))
 

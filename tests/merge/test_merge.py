@@ -588,6 +588,29 @@ def test_triton_search_matches_torch_at_scale(dtype):
     assert torch.equal(slot_k[clear], slot_t[clear])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_search_kernel_in_the_interpreter(dtype):
+    """The fused search on the CPU through Triton's interpreter (tests/conftest.py sets it without
+    CUDA): only evicted positions are searched, and there it equals the PyTorch search."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU tests run the compiled kernel")
+    pytest.importorskip("triton")
+    from zigzag.merge.chunked import best_match_torch, gather_survivors
+    from zigzag.merge.triton_kernel import best_match_triton
+
+    case = build_case(int(torch.randint(0, 10_000, ())), batch=2, kv_heads=2, seq=300, head_dim=32, pad=True).to(dtype)
+    surv = gather_survivors(*case.args)
+    best_t, slot_t = best_match_torch(case.args[0], surv, 64)
+    best_k, slot_k = best_match_triton(case.args[0], surv, 64)
+    ev = surv.evicted
+    assert ev.any() and (~ev).any()
+    torch.testing.assert_close(best_k[ev], best_t[ev].float(), atol=1e-3 if dtype == torch.float16 else 1e-6, rtol=0)
+    assert torch.equal(best_k[~ev], torch.zeros_like(best_k[~ev])) and torch.equal(slot_k[~ev], torch.zeros_like(slot_k[~ev]))
+    sure = ev & (best_t > 1e-3)
+    agree = (slot_k[sure] == slot_t[sure]).float().mean()
+    assert agree > 0.98  # near-ties may pick another slot in float16
+
+
 @pytest.mark.gpu
 def test_triton_op_has_a_fake_implementation():
     pytest.importorskip("triton")
@@ -596,4 +619,5 @@ def test_triton_op_has_a_fake_implementation():
     keys = torch.randn(1, 2, 100, 64, device="cuda", dtype=torch.bfloat16)
     surv = torch.randn(1, 2, 30, 64, device="cuda", dtype=torch.bfloat16)
     inv = 1.0 / surv.float().norm(dim=-1)
-    torch.library.opcheck(cosine_best_match, (keys, surv, inv))
+    searched = torch.rand(1, 2, 100, device="cuda") > 0.5
+    torch.library.opcheck(cosine_best_match, (keys, surv, inv, searched))

@@ -33,6 +33,8 @@ def _best_match_kernel(
     inv_ptr,  # (batch, kv_heads, n) float32: 1 / |k_s| on targets, 0 elsewhere
     best_ptr,  # (batch, kv_heads, seq) float32 out, contiguous
     slot_ptr,  # (batch, kv_heads, seq) int64 out, contiguous
+    order_ptr,  # (batch * kv_heads, seq) int64: each (row, head)'s searched positions first, ascending
+    count_ptr,  # (batch * kv_heads,) int64: how many positions of each (row, head) are searched
     kv_heads,
     seq,
     n,
@@ -57,10 +59,14 @@ def _best_match_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // kv_heads
     h = pid_bh % kv_heads
+    count = tl.load(count_ptr + pid_bh)
+    if pid_m * BLOCK_M >= count:  # past this (row, head)'s searched positions: nothing to do
+        return
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = ranks < count
+    offs_m = tl.load(order_ptr + pid_bh * seq + ranks, mask=m_ok, other=0)  # positions in seq
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < seq
     d_ok = offs_d < head_dim
     k_ptrs = keys_ptr + b * stride_kb + h * stride_kh + offs_m[:, None] * stride_ks + offs_d[None, :] * stride_kd
     ke = tl.load(k_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
@@ -109,25 +115,32 @@ def _config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]
 
 @torch.library.custom_op("zigzag::cosine_best_match", mutates_args=())
 def cosine_best_match(
-    keys: torch.Tensor, survivor_keys: torch.Tensor, inv_norm: torch.Tensor
+    keys: torch.Tensor, survivor_keys: torch.Tensor, inv_norm: torch.Tensor, searched: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Largest cosine of every position's key to the survivors' keys, and the slot (first on ties).
+    """Largest cosine of each searched position's key to the survivors' keys, and the slot (first on ties).
 
     Args:
         keys: ``(batch, kv_heads, seq, head_dim)`` float16, bfloat16 or float32.
         survivor_keys: ``(batch, kv_heads, n, head_dim)``, same dtype (rows of non-targets arbitrary).
         inv_norm: ``(batch, kv_heads, n)`` float32: ``1 / |k_s|`` on targets, ``0`` elsewhere
             (non-targets then score a cosine of 0).
+        searched: ``(batch, kv_heads, seq)`` bool, the positions to search for (the evicted ones).
+            Only they cost work: at ratio 0.5 half the products of searching every position.
 
     Returns:
-        ``best (batch, kv_heads, seq)`` float32 and ``slot (batch, kv_heads, seq)`` int64.
+        ``best (batch, kv_heads, seq)`` float32 and ``slot (batch, kv_heads, seq)`` int64; 0 and 0 at
+        positions not searched.
     """
     batch, kv_heads, seq, head_dim = keys.shape
     n = survivor_keys.shape[2]
-    best = torch.empty(batch, kv_heads, seq, dtype=torch.float32, device=keys.device)
-    slot = torch.empty(batch, kv_heads, seq, dtype=torch.int64, device=keys.device)
+    best = torch.zeros(batch, kv_heads, seq, dtype=torch.float32, device=keys.device)
+    slot = torch.zeros(batch, kv_heads, seq, dtype=torch.int64, device=keys.device)
     if batch * kv_heads * seq == 0 or n == 0:
-        return best.fill_(0.0), slot.fill_(0)
+        return best, slot
+    # Searched positions first (ascending), then the rest; the programs past the count exit at once.
+    flat = searched.reshape(batch * kv_heads, seq)
+    order = torch.sort((~flat).to(torch.int8), dim=-1, stable=True).indices
+    count = flat.sum(dim=-1)
     block_m, block_n, block_d, warps, stages = _config(head_dim, keys.dtype)
     grid = (triton.cdiv(seq, block_m), batch * kv_heads)
     _best_match_kernel[grid](
@@ -136,6 +149,8 @@ def cosine_best_match(
         inv_norm,
         best,
         slot,
+        order,
+        count,
         kv_heads,
         seq,
         n,
@@ -154,7 +169,7 @@ def cosine_best_match(
 
 
 @cosine_best_match.register_fake
-def _(keys, survivor_keys, inv_norm):
+def _(keys, survivor_keys, inv_norm, searched):
     batch, kv_heads, seq, _ = keys.shape
     return (
         keys.new_empty(batch, kv_heads, seq, dtype=torch.float32),
@@ -167,7 +182,7 @@ def best_match_triton(keys: torch.Tensor, surv: Survivors, chunk_size: int) -> t
     of size ``seq x n`` is ever stored). float64 inputs go to the PyTorch path."""
     if keys.dtype not in KERNEL_DTYPES:
         return best_match_torch(keys, surv, chunk_size)
-    return cosine_best_match(keys, surv.keys, surv.inv_norm.float().contiguous())
+    return cosine_best_match(keys, surv.keys, surv.inv_norm.float().contiguous(), surv.evicted)
 
 
 def merge_triton(

@@ -181,7 +181,8 @@ class ZigZag:
         half the context) and Eq. 6 would give it the whole context.
     gamma:
         Design variant (1 = the paper): Eq. 6 uses ``LMBA ** gamma`` in place of LMBA. ``gamma < 1``
-        tempers the reallocation towards uniform (0 gives uniform budgets).
+        tempers the reallocation towards uniform (0 gives uniform budgets). Budgets follow the order
+        of ``LMBA ** gamma`` in float64, so LMBAs whose powers underflow to the same value tie.
     max_multiple:
         Design variant (None = the paper): no layer keeps more than ``floor(max_multiple * B_avg)``
         tokens (``>= 1``); what the cap frees goes to the other layers as any cap's does.

@@ -41,6 +41,30 @@ PROGRAMS_PER_SM = 4
 """Target programs per streaming multiprocessor for the split-KV kernel (one wave of a few blocks)."""
 
 
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """``a @ b`` with float32 accumulation; IEEE float32 products for float32 inputs (tests)."""
+    if IEEE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One block of the running softmax: logits ``s (BLOCK_M, BLOCK_N)`` (``-inf`` where hidden) and
+    values ``v (BLOCK_N, BLOCK_D)`` folded into the running max ``m_i``, sum ``l_i`` and output ``acc``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen nothing yet keeps m = -inf; subtract 0 there so that exp gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return m_new, l_i, acc
+
+
 # Integers that change from call to call (tail length, query rows, splits, tail strides as its buffer
 # grows) are not specialised on: each new value's divisibility would otherwise compile a new kernel in
 # the middle of decoding.
@@ -112,25 +136,13 @@ def _partial_kernel(
             c = start + tl.arange(0, BLOCK_N)
             c_ok = c < hi
             k = tl.load(k_ptr + c[:, None] * s_kt + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * scale
+            s = _dot(q, tl.trans(k), IEEE) * scale
             if HAS_BIAS:
                 s += tl.load(bias_ptr + c, mask=c_ok, other=0.0)[None, :]
-            s = tl.where(c_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + c[:, None] * s_vt + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(tl.where(c_ok[None, :], s, float("-inf")), v, m_i, l_i, acc, IEEE)
     elif HAS_TAIL:
+        # Its own loop names: Triton wants one type per name across the branches (int64 offsets above).
         for t_start in range(0, n_tail, BLOCK_N):
             tc = t_start + tl.arange(0, BLOCK_N)
             tc_ok = tc < n_tail
@@ -139,11 +151,7 @@ def _partial_kernel(
                 mask=tc_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
-            if IEEE:
-                ts = tl.dot(q, tl.trans(tk), input_precision="ieee")
-            else:
-                ts = tl.dot(q, tl.trans(tk))
-            ts = ts * scale
+            ts = _dot(q, tl.trans(tk), IEEE) * scale
             t_visible = r_ok[:, None] & tc_ok[None, :]
             if HAS_MASK:
                 ts += tl.load(
@@ -153,23 +161,12 @@ def _partial_kernel(
                 )
             if CAUSAL:
                 t_visible = t_visible & (tc[None, :] <= i[:, None] + (n_tail - rows))
-            ts = tl.where(t_visible, ts, float("-inf"))
-            tm_new = tl.maximum(m_i, tl.max(ts, 1))
-            # A row fully masked so far keeps m = -inf; subtract 0 there so that exp gives 0, not NaN.
-            tm_safe = tl.where(tm_new == float("-inf"), 0.0, tm_new)
-            t_alpha = tl.exp(m_i - tm_safe)
-            tp = tl.exp(ts - tm_safe[:, None])
-            l_i = l_i * t_alpha + tl.sum(tp, 1)
             tv = tl.load(
                 tv_ptr + b * s_tvb + h * s_tvh + tc[:, None] * s_tvn + d[None, :],
                 mask=tc_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
-            if IEEE:
-                acc = acc * t_alpha[:, None] + tl.dot(tp.to(tv.dtype), tv, input_precision="ieee")
-            else:
-                acc = acc * t_alpha[:, None] + tl.dot(tp.to(tv.dtype), tv)
-            m_i = tm_new
+            m_i, l_i, acc = _softmax_step(tl.where(t_visible, ts, float("-inf")), tv, m_i, l_i, acc, IEEE)
 
     empty = l_i == 0.0
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))

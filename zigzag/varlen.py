@@ -52,7 +52,6 @@ there. Nothing is patched.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 
@@ -60,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
+from zigzag._triton import triton_importable
 from zigzag.attention import (
     _ADD_OPS,
     _KEY_VIEW_OPS,
@@ -97,9 +97,7 @@ def set_backend(name: str) -> None:
 
 def triton_available(device: torch.device) -> bool:
     """Whether the Triton kernels can run on ``device``: CUDA, or Triton's interpreter (tests)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return triton_importable() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def get_backend(device: torch.device) -> str:
@@ -468,7 +466,9 @@ class VarlenLayer(DynamicLayer):
         return (self.prefix_keys, self.prefix_values, segment, start, end, num_blocks, indices, table)
 
     def _triton(self, query: torch.Tensor, scale: float, out_dtype: torch.dtype, **tail) -> tuple[torch.Tensor, torch.Tensor]:
-        from zigzag.varlen_kernel import varlen_attention  # imports triton: only when used
+        from zigzag.varlen_kernel import (
+            varlen_attention,  # imports triton: only when used
+        )
 
         return varlen_attention(
             query, self.prefix_keys, self.prefix_values, self.offsets, self.prefix_bias,

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from zigzag._triton import triton_importable
 from zigzag.merge.base import MergeResult, check_merge_args
 from zigzag.merge.chunked import merge_chunked
 
 BACKENDS = ("auto", "torch", "triton")
 
 
-@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     """Whether the Triton kernel can run here (CUDA present and ``triton`` importable)."""
-    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+    return torch.cuda.is_available() and triton_importable()
 
 
 @dataclass(frozen=True)

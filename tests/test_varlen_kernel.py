@@ -11,7 +11,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from zigzag.varlen_kernel import split_chunk, varlen_attention  # noqa: E402
+from zigzag.varlen_kernel import split_chunk, varlen_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -84,7 +84,7 @@ def test_prefix_matches_float64(dtype, rows, head_dim, with_bias):
     keys, values, offsets, total = _layout(lengths, head_dim, dtype, gen)
     query = torch.randn(2, kv_heads * group, rows, head_dim, generator=gen).to(DEVICE, dtype)
     bias = torch.rand(total, generator=gen).to(DEVICE) if with_bias else None
-    chunk, splits = split_chunk(total, 900, torch.device(DEVICE))
+    _chunk, splits = split_chunk(total, 900, torch.device(DEVICE))
     assert splits > 1  # the long head really is split
     out, lse = varlen_attention(query, keys, values, offsets, bias, kv_heads=kv_heads, width=900, scale=0.125, out_dtype=torch.float32)
     ref_out, ref_lse = _reference(query, keys, values, offsets, bias, kv_heads, 0.125)
@@ -98,7 +98,7 @@ def test_tail_matches_float64(dtype, mask_kind, rows):
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     batch, kv_heads, group, d, n = 2, 2, 3, 32, 9
     lengths = torch.tensor([[70, 0], [5, 130]])  # row 0 head 1 sees the tail only
-    keys, values, offsets, total = _layout(lengths, d, dtype, gen)
+    keys, values, offsets, _total = _layout(lengths, d, dtype, gen)
     # The tail is a slice of a larger buffer (as VarlenLayer keeps it): strided, not contiguous.
     buffer_k = torch.randn(batch, kv_heads, n + 7, d, generator=gen).to(DEVICE, dtype)
     buffer_v = torch.randn(batch, kv_heads, n + 7, d, generator=gen).to(DEVICE, dtype)

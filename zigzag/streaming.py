@@ -29,7 +29,6 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from zigzag.api import (
-    _QueryCapture,
     _as_context,
     _check_model,
     _check_ratio,
@@ -38,6 +37,7 @@ from zigzag.api import (
     _hooks,
     _query_projection,
     _query_window_needed,
+    _QueryCapture,
     _rope_fn,
     _rotate_half,
     build_layer,
@@ -51,8 +51,8 @@ from zigzag.api import (
 from zigzag.budget import BudgetAllocator, Uniform, get_budget, layer_mean_budgets
 from zigzag.cache import CompressedLayer, ZigZagCache
 from zigzag.merge import get_merge
-from zigzag.varlen import VarlenLayer, heads_differ
 from zigzag.scorers import LayerView, Scorer, get_scorer
+from zigzag.varlen import VarlenLayer, heads_differ
 
 
 @dataclass
@@ -275,7 +275,7 @@ class _LayerwiseCompressor:
         if slots.per_head:
             # Earlier chunks left each KV head its own tokens: score every (row, KV head) as a row of its own.
             batch = slots.keys.shape[0]
-            flat = lambda t: t.reshape(batch * kv_heads, 1, *t.shape[2:])  # noqa: E731
+            flat = lambda t: t.reshape(batch * kv_heads, 1, *t.shape[2:])
             valid = slots.valid.reshape(batch * kv_heads, -1)
             positions = self.ctx.positions.gather(1, slots.columns.clamp(min=0).reshape(batch, -1)).reshape(batch * kv_heads, -1)
             view = LayerView(flat(slots.keys), flat(slots.values), valid, positions, scaling, layer, self.num_layers,

@@ -193,12 +193,12 @@ def _reduce_kernel(
     d = tl.arange(0, BLOCK_D)
     r_ok = r < m
     peak = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for s in range(0, splits):
+    for s in range(splits):
         peak = tl.maximum(peak, tl.load(part_lse_ptr + (z * splits + s) * m + r, mask=r_ok, other=float("-inf")))
     safe = tl.where(peak == float("-inf"), 0.0, peak)
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for s in range(0, splits):
+    for s in range(splits):
         base = (z * splits + s) * m + r
         w = tl.exp(tl.load(part_lse_ptr + base, mask=r_ok, other=float("-inf")) - safe)  # 0 for empty splits
         total += w
@@ -214,7 +214,7 @@ def _reduce_kernel(
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -19,7 +19,14 @@ import pstats
 
 import torch
 
-from benchmarks.perf.run import Meter, _decode_steps, build_model, llama_8b_config, restore_length, tiny_config
+from benchmarks.perf.run import (
+    Meter,
+    _decode_steps,
+    build_model,
+    llama_8b_config,
+    restore_length,
+    tiny_config,
+)
 from zigzag import compress_cache
 
 

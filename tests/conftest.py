@@ -31,6 +31,26 @@ def tiny_llama(attn: str = "sdpa", layers: int = 3, seed: int = 0) -> LlamaForCa
     return model
 
 
+def continuation_logits(model, ctx: dict, cache, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of ``new_tokens`` random tokens appended after ``ctx`` through the compressed ``cache``,
+    and through the masked float64 reference (the full prefill of ``ctx`` with every position evicted
+    from ``cache`` masked per layer and KV head): ``(ours, reference)``, each ``(batch, new, vocab)``."""
+    from tests.reference import keep_masks, masked_reference
+    from zigzag import prefill_context
+
+    mask = ctx["attention_mask"]
+    batch, seq = mask.shape
+    full = prefill_context(model, ctx, window=0, query_stats_skip=None).cache
+    new = torch.randint(0, model.config.vocab_size, (batch, new_tokens))
+    full_mask = torch.cat([mask, torch.ones(batch, new_tokens, dtype=torch.long)], dim=-1)
+    kwargs = {"input_ids": new, "attention_mask": full_mask, "position_ids": (full_mask.cumsum(-1) - 1)[:, -new_tokens:]}
+    with torch.no_grad():
+        ours = model(past_key_values=cache, **kwargs).logits
+        with masked_reference(model, keep_masks(cache.kept_positions, seq)):
+            reference = model(past_key_values=full, **kwargs).logits
+    return ours, reference
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct, float32, SDPA, with its tokenizer (converted once, then cached)."""

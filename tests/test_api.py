@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-from tests.conftest import tiny_llama
+from tests.conftest import continuation_logits, tiny_llama
 from tests.reference import attention, keep_masks, masked_reference
 from zigzag import UnsupportedModelError, compress_cache
 from zigzag import prefill_context
@@ -252,12 +252,5 @@ def test_head_wise_adakv_budgets_are_exact_on_a_tiny_model(attn):
         per_head = (kept >= 0).sum(-1)  # (batch, kv_heads): heads keep different numbers of tokens
         assert per_head.sum(-1).tolist() == [2 * int(0.5 * int(n)) for n in lengths]
     assert any(len(set(k[b].ne(-1).sum(-1).tolist())) > 1 for k in cache.kept_positions for b in range(batch))
-    full = prefill_context(model, ctx, window=0, query_stats_skip=None).cache
-    new = torch.randint(0, 128, (batch, q))
-    full_mask = torch.cat([mask, torch.ones(batch, q, dtype=torch.long)], dim=-1)
-    positions = (full_mask.cumsum(-1) - 1)[:, -q:]
-    with torch.no_grad():
-        ours = model(input_ids=new, attention_mask=full_mask, position_ids=positions, past_key_values=cache).logits
-        with masked_reference(model, keep_masks(cache.kept_positions, seq)):
-            ref = model(input_ids=new, attention_mask=full_mask, position_ids=positions, past_key_values=full).logits
+    ours, ref = continuation_logits(model, ctx, cache, q)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)

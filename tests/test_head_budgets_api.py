@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import tiny_llama
-from tests.reference import keep_masks, masked_reference
+from tests.conftest import continuation_logits, tiny_llama
 from zigzag import prefill_context
 from zigzag.budget import ZigZagHeads, layer_mean_budgets
 
@@ -59,14 +58,7 @@ def test_head_wise_zigzag_budgets_are_exact_on_a_tiny_model(attn, budget):
     assert cache.budgets.shape == (batch, 3) and cache.budgets.sum(1).tolist() == [3 * a for a in avg]
     assert torch.equal(cache.budgets, layer_mean_budgets(head_budgets))
     torch.testing.assert_close(cache.lmba, head_lmba.mean(-1))
-    full = prefill_context(model, ctx, window=0, query_stats_skip=None).cache
-    new = torch.randint(0, 128, (batch, q))
-    full_mask = torch.cat([mask, torch.ones(batch, q, dtype=torch.long)], dim=-1)
-    positions = (full_mask.cumsum(-1) - 1)[:, -q:]
-    with torch.no_grad():
-        ours = model(input_ids=new, attention_mask=full_mask, position_ids=positions, past_key_values=cache).logits
-        with masked_reference(model, keep_masks(cache.kept_positions, seq)):
-            ref = model(input_ids=new, attention_mask=full_mask, position_ids=positions, past_key_values=full).logits
+    ours, ref = continuation_logits(model, ctx, cache, q)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
 
 

@@ -130,3 +130,64 @@ def test_output_dtype_and_shape():
     out, lse = varlen_attention(query, keys, values, offsets, None, kv_heads=2, width=6, scale=0.25)
     assert out.shape == (1, 4, 1, 16) and out.dtype == torch.float16
     assert lse.shape == (1, 4, 1) and lse.dtype == torch.float32
+
+
+def test_merge_counters_are_left_zero_for_the_next_launch():
+    """The last program of each segment merges the splits and zeroes its arrival counter; a second
+    launch with a different layout must then merge correctly too (a counter left non-zero would make
+    the wrong program merge, or none)."""
+    from zigzag.varlen_kernel import _counters
+
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    for lengths in (torch.tensor([[300, 5, 0]]), torch.tensor([[7, 260, 64], [1, 0, 190]])):
+        keys, values, offsets, total = _layout(lengths, 32, torch.float32, gen)
+        query = torch.randn(lengths.shape[0], 6, 2, 32, generator=gen).to(DEVICE)
+        width = int(lengths.max())
+        assert split_chunk(total, width, torch.device(DEVICE))[1] > 1
+        out, lse = varlen_attention(query, keys, values, offsets, None, kv_heads=3, width=width, scale=0.3)
+        ref_out, ref_lse = _reference(query, keys, values, offsets, None, 3, 0.3)
+        _check(out, lse, ref_out, ref_lse, torch.float32)
+        assert int(_counters[query.device].count_nonzero()) == 0
+
+
+def test_without_lse_and_mask_that_does_not_broadcast():
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([[30, 2]])
+    keys, values, offsets, _ = _layout(lengths, 16, torch.float32, gen)
+    query = torch.randn(1, 4, 1, 16, generator=gen).to(DEVICE)
+    tail = torch.randn(1, 2, 3, 16, generator=gen).to(DEVICE)
+    mask = torch.ones(1, 1, 1, 3, dtype=torch.bool, device=DEVICE)
+    kwargs = {"kv_heads": 2, "width": 30, "scale": 0.25, "tail_keys": tail, "tail_values": tail}
+    out, lse = varlen_attention(query, keys, values, offsets, None, tail_mask=mask, return_lse=False, **kwargs)
+    assert lse is None
+    full, _ = varlen_attention(query, keys, values, offsets, None, tail_mask=mask, **kwargs)
+    assert torch.equal(out, full)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        varlen_attention(query, keys, values, offsets, None, tail_mask=mask.expand(1, 1, 1, 3)[..., :2], **kwargs)
+
+
+@pytest.mark.gpu
+def test_cuda_in_kernel_merge_has_no_race():
+    """Many launches with many splits per segment, run concurrently on the GPU's multiprocessors: the
+    atomic arrival count must let exactly the last program merge, after every split's partial result
+    is visible. Compared with the PyTorch segment attention (float32) on fresh layouts each time."""
+    from zigzag.varlen import segment_attention
+
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    for trial in range(40):
+        lengths = torch.randint(0, 3000, (3, 4), generator=gen)
+        lengths[0, 0] = 20000  # one long segment: dozens of splits
+        keys, values, offsets, _total = _layout(lengths, 128, torch.bfloat16, gen)
+        query = torch.randn(3, 16, 1, 128, generator=gen).to(DEVICE, torch.bfloat16)
+        tail = torch.randn(3, 4, 1 + trial, 128, generator=gen).to(DEVICE, torch.bfloat16)
+        out, lse = varlen_attention(
+            query, keys, values, offsets, None, kv_heads=4, width=int(lengths.max()), scale=0.09,
+            tail_keys=tail, tail_values=tail, out_dtype=torch.float32,
+        )  # fmt: skip
+        ref_out, ref_lse = segment_attention(query.reshape(12, 4, 128), keys, values, offsets, scale=0.09)
+        tail_out, tail_lse = _reference(query, keys[:0], values[:0], torch.zeros(13, dtype=torch.long), None, 4, 0.09, tail, tail)
+        both = torch.logaddexp(ref_lse.reshape(3, 16, 1).double().cpu(), tail_lse)
+        expect = ref_out.reshape(3, 16, 1, 128).double().cpu() * torch.exp(ref_lse.reshape(3, 16, 1).double().cpu() - both)[..., None]
+        expect += tail_out * torch.exp(tail_lse - both)[..., None]
+        torch.testing.assert_close(out.double().cpu(), expect, atol=2e-2, rtol=0)
+        torch.testing.assert_close(lse.double().cpu(), both, atol=2e-2, rtol=0)

@@ -26,9 +26,10 @@ softmaxes, each with its log-sum-exp, combined as
 The tail is ordinary attention under the model's own mask (causal and padding), which transformers
 builds for the appended tokens only (see :mod:`zigzag.attention`). Three backends compute the attention:
 
-* ``"triton"`` (the default on CUDA): two Triton kernels (:mod:`zigzag.varlen_kernel`), split-KV
-  partial softmaxes over every segment's slots and the tail, then one log-sum-exp reduction. Reads the
-  query and the tail in place, no host sync, two launches per layer whatever the number of heads.
+* ``"triton"`` (the default on CUDA): one Triton kernel (:mod:`zigzag.varlen_kernel`), split-KV
+  partial softmaxes over every segment's slots and the tail, merged by log-sum-exp in the same launch.
+  Reads the query, tail and mask in place, no host sync, one launch per layer whatever the number of
+  heads.
 * ``"segment"`` (the default elsewhere): plain PyTorch on the flat layout, one segment softmax over all
   slots at once (a masked dense product, or ``index_reduce`` / ``index_add``), no padding and no Python
   loop over heads. Exact, and the reference the kernels are tested against, but it makes float32
@@ -52,6 +53,7 @@ there. Nothing is patched.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -95,9 +97,19 @@ def set_backend(name: str) -> None:
     _backend = name
 
 
+@functools.cache
+def _triton_kernels():
+    """:mod:`zigzag.varlen_kernel`, imported on first use (it imports triton)."""
+    from zigzag import varlen_kernel
+
+    return varlen_kernel
+
+
 def triton_available(device: torch.device) -> bool:
     """Whether the Triton kernels can run on ``device``: CUDA, or Triton's interpreter (tests)."""
-    return triton_importable() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    if device.type == "cuda":
+        return triton_importable()
+    return triton_importable() and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def get_backend(device: torch.device) -> str:
@@ -410,6 +422,7 @@ class VarlenLayer(DynamicLayer):
         self.offsets = torch.cat([head_lengths.new_zeros(1), head_lengths.flatten().cumsum(0)])
         self.width = int(head_lengths.max()) if head_lengths.numel() else 0  # one sync, at build time
         self._pieces = None
+        self._splits: tuple[int, int] | None = None  # the Triton kernel's (chunk, splits), on first use
         if self.device.type == "cuda" and get_backend(self.device) == "flex":
             self._build_pieces()  # now, so that the first decoding step does not sync
 
@@ -465,14 +478,13 @@ class VarlenLayer(DynamicLayer):
         segment, start, end, num_blocks, indices, table = self._pieces
         return (self.prefix_keys, self.prefix_values, segment, start, end, num_blocks, indices, table)
 
-    def _triton(self, query: torch.Tensor, scale: float, out_dtype: torch.dtype, **tail) -> tuple[torch.Tensor, torch.Tensor]:
-        from zigzag.varlen_kernel import (
-            varlen_attention,  # imports triton: only when used
-        )
-
-        return varlen_attention(
+    def _triton(self, query: torch.Tensor, scale: float, out_dtype: torch.dtype, **tail) -> tuple[torch.Tensor, torch.Tensor | None]:
+        kernels = _triton_kernels()
+        if self._splits is None:
+            self._splits = kernels.split_chunk(self.prefix_keys.shape[0], self.width, self.device)
+        return kernels.varlen_attention(
             query, self.prefix_keys, self.prefix_values, self.offsets, self.prefix_bias,
-            kv_heads=self.kv_heads, width=self.width, scale=scale, out_dtype=out_dtype, **tail,
+            kv_heads=self.kv_heads, width=self.width, scale=scale, out_dtype=out_dtype, splits=self._splits, **tail,
         )  # fmt: skip
 
     def attend_prefix(self, query: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -489,8 +501,10 @@ class VarlenLayer(DynamicLayer):
         """Exact attention of ``query (batch, Hq, rows, d)`` over prefix and tail, in the query's dtype."""
         backend = get_backend(query.device)
         if backend == "triton":
-            tail = {"tail_keys": tail_keys, "tail_values": tail_values, "tail_mask": tail_mask, "causal": causal}
-            return self._triton(query, scale, query.dtype, **tail)[0]
+            return self._triton(
+                query, scale, query.dtype, tail_keys=tail_keys, tail_values=tail_values, tail_mask=tail_mask,
+                causal=causal, return_lse=False,
+            )[0]  # fmt: skip
         args = self._prefix_args(backend) + (self.prefix_bias,)
         out, _ = _attend(query, args, tail_keys, tail_values, tail_mask, scale, causal, self.kv_heads, backend=backend)
         return out.to(query.dtype)
@@ -525,8 +539,8 @@ class VarlenLayer(DynamicLayer):
 
     def _expose_tail(self) -> None:
         n = self._appended
-        self.keys = self._tail_keys[:, :, :n]
-        self.values = self._tail_values[:, :, :n]
+        self.keys = self._tail_keys.narrow(2, 0, n)
+        self.values = self._tail_values.narrow(2, 0, n)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``(batch, kv_heads, new, head_dim)``; return the tail keys (as VarlenKeys) and values."""

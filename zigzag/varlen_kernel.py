@@ -1,28 +1,30 @@
-"""Varlen attention for CUDA in two Triton kernels: split-KV partial softmaxes, then one reduction.
+"""Varlen attention for CUDA in one Triton kernel: split-KV partial softmaxes merged in place.
 
 Imported lazily by :mod:`zigzag.varlen` for its ``"triton"`` backend (CUDA tensors and ``triton``
 present). It computes what :func:`zigzag.varlen.segment_attention` and the dense-tail combination
 compute, with no Python work that grows with the number of segments or slots, no host sync, and the
-query and tail read in place (strided), so a decoding step costs two kernel launches per layer.
+query, tail and mask read in place (strided), so a decoding step costs one kernel launch per layer.
+Decoding an 8B model at small batch is bound by the host, so the host side is kept short too.
 
 **Layout.** Segment ``z = row * kv_heads + head`` holds slots ``offsets[z]:offsets[z + 1]`` of the flat
 ``(total, head_dim)`` keys and values. Its query rows are the ``g = Hq / kv_heads`` query heads of its
 KV head at every query position: row ``r = j * rows + i`` is query head ``head * g + j`` at position
 ``i``.
 
-**Kernel 1** (:func:`_partial_kernel`), grid ``(Z, splits + tail, row blocks)``. Program ``(z, s)``
+**Splits** (:func:`_varlen_kernel`, grid ``(Z, splits + tail, row blocks)``). Program ``(z, s)``
 attends the rows of segment ``z`` over slots ``offsets[z] + s * chunk`` up to ``chunk`` further, with
-the running max / sum of flash attention, and writes its normalized output and log-sum-exp. ``chunk``
-is chosen per layer so that ``Z * splits`` is a few programs per streaming multiprocessor whatever the
-skew of the segment lengths (a segment of three times the average just has three times the splits);
-programs past the end of a shorter segment exit with ``lse = -inf``. With a tail, the last split index
-attends the dense appended tokens ``(batch, kv_heads, n, head_dim)`` of the segment's (row, head),
-under the model's mask (additive, broadcast over heads when its head stride is 0) or, without one,
-causally aligned to the end.
+the running max / sum of flash attention. ``chunk`` is chosen per layer so that ``Z * splits`` is a few
+programs per streaming multiprocessor whatever the skew of the segment lengths (a segment of three
+times the average just has three times the splits); programs past the end of a shorter segment hold
+``lse = -inf``. With a tail, the last split index attends the dense appended tokens
+``(batch, kv_heads, n, head_dim)`` of the segment's (row, head), under the model's mask (additive or
+boolean, broadcast where its stride is 0) or, without one, causally aligned to the end.
 
-**Kernel 2** (:func:`_reduce_kernel`), grid ``(Z, row blocks)``: merges the splits by log-sum-exp,
-``lse = log sum_s exp(lse_s)``, ``out = sum_s exp(lse_s - lse) out_s``, and writes ``out`` in the output
-dtype and ``lse`` in float32. A row with nothing to attend gets ``out = 0``, ``lse = -inf``.
+**Merge.** Each program writes its normalized output and log-sum-exp to a scratch buffer and counts
+itself in with an atomic; the last of a segment's programs to arrive merges them,
+``lse = log sum_s exp(lse_s)``, ``out = sum_s exp(lse_s - lse) out_s``, writes ``out`` in the output
+dtype (and ``lse`` in float32 when asked) and zeroes the counter for the next launch. A single split
+writes its result directly. A row with nothing to attend gets ``out = 0``, ``lse = -inf``.
 
 Products run on tensor cores in the input dtype (bf16 / fp16) with float32 accumulation, the
 probabilities are rounded to the input dtype for ``p @ v`` (as flash attention does), and float32
@@ -32,10 +34,14 @@ inputs use IEEE float32 products: tests compare with a float64 reference.
 from __future__ import annotations
 
 import functools
+import operator
 
 import torch
 import triton
 import triton.language as tl
+
+BLOCK_N = 64
+"""Slots per block of the kernel's inner loop (and the granularity of a split)."""
 
 PROGRAMS_PER_SM = 4
 """Target programs per streaming multiprocessor for the split-KV kernel (one wave of a few blocks)."""
@@ -68,20 +74,23 @@ def _softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
 # Integers that change from call to call (tail length, query rows, splits, tail strides as its buffer
 # grows) are not specialised on: each new value's divisibility would otherwise compile a new kernel in
 # the middle of decoding.
-@triton.jit(
-    do_not_specialize=["rows", "m", "chunk", "prefix_splits", "n_tail", "s_tkb", "s_tkh", "s_tvb", "s_tvh", "s_mb", "s_mh", "s_mi"]
-)
-def _partial_kernel(
+_NOT_SPECIALISED = ("rows", "m", "chunk", "prefix_splits", "n_tail", "s_tkb", "s_tkh", "s_tvb", "s_tvh", "s_mb", "s_mh", "s_mi")
+
+
+@triton.jit(do_not_specialize=list(_NOT_SPECIALISED))
+def _varlen_kernel(
     q_ptr,  # (batch, Hq, rows, head_dim), strided
-    k_ptr,  # (total, head_dim) flat keys, row stride stride_kt, unit column stride
+    k_ptr,  # (total, head_dim) flat keys, row stride s_kt, unit column stride
     v_ptr,  # (total, head_dim) flat values
     bias_ptr,  # (total,) float32 logit bias, read when HAS_BIAS
     offsets_ptr,  # (Z + 1,) int64
     tk_ptr,  # (batch, kv_heads, n, head_dim) tail keys, strided, read when HAS_TAIL
     tv_ptr,
-    mask_ptr,  # additive float32 tail mask, strided (0 strides broadcast), read when HAS_MASK
-    out_ptr,  # (Z, S, m, BLOCK_D) float32 partial outputs, contiguous
-    lse_ptr,  # (Z, S, m) float32 partial log-sum-exp, contiguous
+    mask_ptr,  # tail mask, strided (0 strides broadcast): additive float, or uint8 (1 = attend) when MASK_BOOL
+    part_ptr,  # (Z, S, m, BLOCK_D) float32 partial outputs, then (Z, S, m) float32 partial lse
+    count_ptr,  # (Z * row blocks,) int32 arrival counters, zero between launches
+    out_ptr,  # (Z, m, head_dim) output dtype, contiguous
+    lse_ptr,  # (Z, m) float32, written when WRITE_LSE
     kv_heads,
     group,
     rows,
@@ -99,8 +108,10 @@ def _partial_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_TAIL: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
     CAUSAL: tl.constexpr,
     IEEE: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -109,6 +120,7 @@ def _partial_kernel(
     split = tl.program_id(1)
     rblock = tl.program_id(2)
     splits = tl.num_programs(1)
+    row_blocks = tl.num_programs(2)
     b = z // kv_heads
     h = z % kv_heads
 
@@ -154,11 +166,11 @@ def _partial_kernel(
             ts = _dot(q, tl.trans(tk), IEEE) * scale
             t_visible = r_ok[:, None] & tc_ok[None, :]
             if HAS_MASK:
-                ts += tl.load(
-                    mask_ptr + b * s_mb + (h * group + j)[:, None] * s_mh + i[:, None] * s_mi + tc[None, :] * s_mj,
-                    mask=t_visible,
-                    other=0.0,
-                )
+                mask_at = mask_ptr + b * s_mb + (h * group + j)[:, None] * s_mh + i[:, None] * s_mi + tc[None, :] * s_mj
+                if MASK_BOOL:
+                    t_visible = t_visible & (tl.load(mask_at, mask=t_visible, other=0) != 0)
+                else:
+                    ts += tl.load(mask_at, mask=t_visible, other=0.0).to(tl.float32)
             if CAUSAL:
                 t_visible = t_visible & (tc[None, :] <= i[:, None] + (n_tail - rows))
             tv = tl.load(
@@ -171,42 +183,53 @@ def _partial_kernel(
     empty = l_i == 0.0
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    base = z * splits + split
-    tl.store(lse_ptr + base * m + r, lse, mask=r_ok)
-    tl.store(out_ptr + (base * m + r)[:, None] * BLOCK_D + d[None, :], out, mask=r_ok[:, None])
+    if splits == 1:
+        _store_rows(out, lse, out_ptr, lse_ptr, z, r, d, m, head_dim, WRITE_LSE)
+    else:
+        part_lse_ptr = part_ptr + tl.num_programs(0).to(tl.int64) * splits * m * BLOCK_D
+        base = z * splits + split
+        tl.store(part_lse_ptr + base * m + r, lse, mask=r_ok)
+        tl.store(part_ptr + (base * m + r)[:, None] * BLOCK_D + d[None, :], out, mask=r_ok[:, None])
+        # The last of a segment's split programs to arrive merges them all (flash-decoding's reduction
+        # without a second launch). The barrier puts every thread's stores before the counter's release.
+        tl.debug_barrier()
+        counter = count_ptr + z * row_blocks + rblock
+        if tl.atomic_add(counter, 1, sem="acq_rel") == splits - 1:
+            tl.atomic_xchg(counter, 0)  # zero again for the next launch
+            out, lse = _merge_splits(part_ptr, part_lse_ptr, z, splits, r, r_ok, d, m, BLOCK_M, BLOCK_D)
+            _store_rows(out, lse, out_ptr, lse_ptr, z, r, d, m, head_dim, WRITE_LSE)
 
 
-@triton.jit(do_not_specialize=["splits", "m"])
-def _reduce_kernel(
-    part_out_ptr,  # (Z, S, m, BLOCK_D) float32
-    part_lse_ptr,  # (Z, S, m) float32
-    out_ptr,  # (Z, m, head_dim) output dtype, contiguous
-    lse_ptr,  # (Z, m) float32
-    splits,
-    m,
-    head_dim,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    z = tl.program_id(0)
-    r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, BLOCK_D)
-    r_ok = r < m
+@triton.jit
+def _merge_splits(part_ptr, part_lse_ptr, z, splits, r, r_ok, d, m, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Log-sum-exp merge of the ``splits`` partial results of rows ``r`` of segment ``z``.
+
+    Loads bypass L1 (``.cg``): the partials were written by other programs."""
     peak = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for s in range(splits):
-        peak = tl.maximum(peak, tl.load(part_lse_ptr + (z * splits + s) * m + r, mask=r_ok, other=float("-inf")))
+        lse_s = tl.load(part_lse_ptr + (z * splits + s) * m + r, mask=r_ok, other=float("-inf"), cache_modifier=".cg")
+        peak = tl.maximum(peak, lse_s)
     safe = tl.where(peak == float("-inf"), 0.0, peak)
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for s in range(splits):
         base = (z * splits + s) * m + r
-        w = tl.exp(tl.load(part_lse_ptr + base, mask=r_ok, other=float("-inf")) - safe)  # 0 for empty splits
-        total += w
-        acc += w[:, None] * tl.load(part_out_ptr + base[:, None] * BLOCK_D + d[None, :], mask=r_ok[:, None], other=0.0)
+        w = tl.exp(tl.load(part_lse_ptr + base, mask=r_ok, other=float("-inf"), cache_modifier=".cg") - safe)
+        total += w  # an empty split has lse = -inf: weight 0
+        part = tl.load(part_ptr + base[:, None] * BLOCK_D + d[None, :], mask=r_ok[:, None], other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * part
     empty = total == 0.0
     out = acc / tl.where(empty, 1.0, total)[:, None]
     lse = tl.where(empty, float("-inf"), safe + tl.log(tl.where(empty, 1.0, total)))
-    tl.store(lse_ptr + z * m + r, lse, mask=r_ok)
+    return out, lse
+
+
+@triton.jit
+def _store_rows(out, lse, out_ptr, lse_ptr, z, r, d, m, head_dim, WRITE_LSE: tl.constexpr):
+    """Write rows ``r`` of segment ``z``: ``out`` in the output dtype and, when asked, ``lse``."""
+    r_ok = r < m
+    if WRITE_LSE:
+        tl.store(lse_ptr + z * m + r, lse, mask=r_ok)
     tl.store(
         out_ptr + (z * m + r)[:, None] * head_dim + d[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -221,23 +244,106 @@ def _multiprocessors(device: torch.device) -> int:
     return 8  # the interpreter on the CPU (tests): any small number
 
 
-def split_chunk(total: int, width: int, device: torch.device, block: int = 64) -> tuple[int, int]:
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # plain integers: triton.cdiv is a constexpr function, slow to call from the host
+
+
+def split_chunk(total: int, width: int, device: torch.device, block: int = BLOCK_N) -> tuple[int, int]:
     """Slots per split and splits per segment for a layer of ``total`` slots, widest segment ``width``.
 
     About :data:`PROGRAMS_PER_SM` programs per multiprocessor over the whole layout, each at most
     ``chunk`` slots (a multiple of ``block``), so a skewed segment gets more splits, not longer ones.
     """
     target = PROGRAMS_PER_SM * _multiprocessors(device)
-    chunk = max(block, triton.cdiv(triton.cdiv(max(total, 1), target), block) * block)
-    return chunk, max(1, triton.cdiv(width, chunk))
+    chunk = max(block, _cdiv(_cdiv(max(total, 1), target), block) * block)
+    return chunk, max(1, _cdiv(width, chunk))
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """``(>= count,)`` int32 zeros shared by all launches on ``device``; each launch leaves them zero.
+
+    Launches on one stream run one after another, so they can share the counters."""
+    counters = _counters.get(device)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _counters[device] = counters
+    return counters
 
 
 def _tail_strides(tail: torch.Tensor, kv_heads: int) -> tuple[int, int, int]:
     """Batch, KV-head and slot strides of a tail ``(batch, heads, n, d)``. When the model repeated its
     KV heads for GQA (``heads = Hq``), head ``h * Hq / kv_heads`` is a copy of KV head ``h``: read that one."""
-    if tail.dim() != 4:  # no tail: the kernel reads none
-        return (0, 0, 0)
     return tail.stride(0), tail.stride(1) * (tail.shape[1] // kv_heads), tail.stride(2)
+
+
+def _mask_strides(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """Strides that read ``mask`` broadcast to ``shape`` (0 along its size-1 dimensions)."""
+    if mask.dim() != 4 or any(have not in (1, want) for have, want in zip(mask.shape, shape)):
+        raise ValueError(f"the tail mask {tuple(mask.shape)} does not broadcast to {shape}")
+    return tuple(0 if have == 1 else stride for have, stride in zip(mask.shape, mask.stride()))
+
+
+# ---------------------------------------------------------------------------------------------- launch
+
+_INT_NAMES = (
+    "kv_heads", "group", "rows", "m", "head_dim", "chunk", "prefix_splits", "n_tail",
+    "s_qb", "s_qh", "s_qi", "s_kt", "s_vt", "s_tkb", "s_tkh", "s_tkn", "s_tvb", "s_tvh", "s_tvn",
+    "s_mb", "s_mh", "s_mi", "s_mj",
+)  # fmt: skip
+_FLAG_NAMES = ("HAS_BIAS", "HAS_TAIL", "HAS_MASK", "MASK_BOOL", "CAUSAL", "IEEE", "WRITE_LSE", "BLOCK_M", "BLOCK_N", "BLOCK_D")
+# The integers Triton specialises on (divisible by 16, equal to 1): every other one is do_not_specialize.
+_SPECIALISED = tuple(i for i, name in enumerate(_INT_NAMES) if name not in _NOT_SPECIALISED)
+_INT32 = 2**31
+_compiled: dict[tuple, object] = {}
+direct_launch = True
+"""Relaunch compiled kernels without ``JITFunction.run`` (see :func:`launch`); False: always through it."""
+
+
+def _current_stream(index: int) -> int:
+    """The raw current CUDA stream of device ``index``, read as Triton reads it."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # absent from CPU builds of torch
+    return raw(index) if raw is not None else torch.cuda.current_stream(index).cuda_stream
+
+
+_DTYPE = operator.attrgetter("dtype")
+_DATA_PTR = operator.methodcaller("data_ptr")
+_SPECIALISED_VALUES = operator.itemgetter(*_SPECIALISED)
+
+
+def _launch_key(tensors: tuple, integers: tuple, flags: tuple) -> tuple | None:
+    """A key at least as fine as what decides which compiled kernel Triton picks: the constexprs, the
+    dtypes, and the values of the integers Triton specialises on (it looks at their divisibility by
+    16 only); every pointer must be 16-byte aligned. None (launch through Triton) when a pointer is not
+    aligned or an integer does not fit in int32 (Triton would pick another specialisation)."""
+    if max(integers) >= _INT32 or min(integers) < 0 or functools.reduce(operator.or_, map(_DATA_PTR, tensors)) % 16:
+        return None
+    return flags, tuple(map(_DTYPE, tensors)), _SPECIALISED_VALUES(integers)
+
+
+def launch(grid: tuple[int, int, int], tensors: tuple, integers: tuple, scale: float, flags: tuple) -> None:
+    """Launch :func:`_varlen_kernel`.
+
+    ``kernel[grid](...)`` binds and specialises every argument and hashes the result on each call:
+    tens of microseconds, on a path that runs once per layer per decoded token and is bound by the
+    host. The first launch of each specialisation goes through it and keeps the compiled kernel; the
+    next ones with the same :func:`_launch_key` call that kernel's launcher directly, with the
+    arguments Triton would pass (all of them, in signature order). Launch hooks (profilers such as
+    proton) are not called on the direct path; set :data:`direct_launch` to False to keep them."""
+    key = _launch_key(tensors, integers, flags) if direct_launch else None
+    kernel = _compiled.get(key) if key is not None else None
+    if kernel is None:
+        kernel = _varlen_kernel[grid](*tensors, *integers[:8], scale, *integers[8:], **dict(zip(_FLAG_NAMES, flags)))
+        if key is not None and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+            _compiled[key] = kernel  # not in Triton's interpreter, which returns no compiled kernel
+        return
+    stream = _current_stream(tensors[0].device.index)
+    kernel.run(
+        *grid, stream, kernel.function, kernel.packed_metadata, None, None, None,
+        *tensors, *integers[:8], scale, *integers[8:], *flags,
+    )  # fmt: skip
 
 
 def varlen_attention(
@@ -255,24 +361,29 @@ def varlen_attention(
     tail_mask: torch.Tensor | None = None,
     causal: bool = False,
     out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``query`` over a flat varlen prefix and (optionally) a dense tail.
+    return_lse: bool = True,
+    splits: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of ``query`` over a flat varlen prefix and (optionally) a dense tail, in one launch.
 
     Args:
         query: ``(batch, Hq, rows, d)``, any strides with a unit last stride.
-        keys, values: ``(total, d)`` flat prefix; segment ``z = row * kv_heads + head`` is
-            ``offsets[z]:offsets[z + 1]``.
+        keys, values: ``(total, d)`` flat prefix with a unit last stride; segment
+            ``z = row * kv_heads + head`` is ``offsets[z]:offsets[z + 1]``.
         offsets: ``(batch * kv_heads + 1,)`` integer, on the query's device.
-        bias: ``(total,)`` float added to each prefix slot's logit, or None.
+        bias: ``(total,)`` float32 added to each prefix slot's logit, or None.
         kv_heads: KV heads per row (``Hq % kv_heads == 0``).
         width: the longest segment (sets the number of splits; no sync to find it).
         scale: logit scale.
         tail_keys, tail_values: ``(batch, kv_heads, n, d)`` appended tokens (unit last stride), or None;
             ``(batch, Hq, n, d)`` (KV heads repeated for GQA, as some attention code does) works too.
-        tail_mask: ``(batch or 1, 1 or Hq, rows, n)`` bool (True = attend) or additive float, or None:
-            then all tail tokens are visible, or causally aligned to the end when ``causal``.
+        tail_mask: broadcastable to ``(batch, Hq, rows, n)``, bool (True = attend) or additive float, or
+            None: then all tail tokens are visible, or causally aligned to the end when ``causal``.
         causal: see ``tail_mask``.
         out_dtype: dtype of ``out`` (default: the query's).
+        return_lse: also return the log-sum-exp (else None, and it is never written).
+        splits: :func:`split_chunk` of this layout (``(chunk, prefix splits)``), when the caller keeps
+            it; computed here otherwise.
 
     Returns:
         ``out (batch, Hq, rows, d)`` in ``out_dtype`` and ``lse (batch, Hq, rows)`` float32; a row that
@@ -284,50 +395,52 @@ def varlen_attention(
     device = query.device
     if query.stride(-1) != 1:
         query = query.contiguous()
-    keys, values = keys.contiguous(), values.contiguous()
+    if keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError("the flat prefix keys and values need a unit last stride")
     block_m = 16 if m <= 16 else 64
-    block_n = 64
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    chunk, prefix_splits = split_chunk(keys.shape[0], width, device, block_n)
-    has_tail = tail_keys is not None and tail_keys.shape[2] > 0
-    n_tail = tail_keys.shape[2] if has_tail else 0
+    block_n = BLOCK_N
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    chunk, prefix_splits = splits if splits is not None else split_chunk(keys.shape[0], width, device, block_n)
+    n_tail = tail_keys.shape[2] if tail_keys is not None else 0
+    has_tail = n_tail > 0
     if has_tail and (tail_keys.shape[1] not in (kv_heads, hq) or tail_values.shape != tail_keys.shape):
         raise ValueError(
             f"tail keys {tuple(tail_keys.shape)} / values {tuple(tail_values.shape)} must be (batch, {kv_heads} or {hq}, n, d)"
         )
     splits = prefix_splits + int(has_tail)
+    row_blocks = _cdiv(m, block_m)
 
-    mask = None
-    if has_tail and tail_mask is not None:
-        mask = tail_mask
-        if mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
-        mask = mask.float().expand(batch, hq, rows, n_tail)  # broadcast dims get stride 0
+    mask = tail_mask if has_tail else None
+    mask_bool = mask is not None and mask.dtype == torch.bool
+    if mask is not None:
+        mask_strides = _mask_strides(mask, (batch, hq, rows, n_tail))
+        if mask_bool:
+            mask = mask.view(torch.uint8)
     tail_k = tail_keys if has_tail else keys
     tail_v = tail_values if has_tail else values
-    mask_t = mask if mask is not None else keys
 
-    part_out = torch.empty(z_count, splits, m, block_d, device=device, dtype=torch.float32)
-    part_lse = torch.empty(z_count, splits, m, device=device, dtype=torch.float32)
-    row_blocks = triton.cdiv(m, block_m)
-    ieee = query.dtype == torch.float32
-    _partial_kernel[(z_count, splits, row_blocks)](
-        query, keys, values, bias if bias is not None else keys, offsets, tail_k, tail_v, mask_t,
-        part_out, part_lse,
-        kv_heads, group, rows, m, head_dim, chunk, prefix_splits, n_tail, scale,
+    # One float32 scratch holds the partial outputs (Z, S, m, BLOCK_D) then the partial lse (Z, S, m).
+    part = torch.empty(z_count * splits * m * (block_d + 1) if splits > 1 else 1, device=device, dtype=torch.float32)
+    counters = _arrival_counters(device, z_count * row_blocks)
+    out = torch.empty(batch, hq, rows, head_dim, device=device, dtype=out_dtype or query.dtype)
+    lse = torch.empty(batch, hq, rows, device=device, dtype=torch.float32) if return_lse else None
+    tensors = (
+        query, keys, values, bias if bias is not None else keys, offsets, tail_k, tail_v,
+        mask if mask is not None else keys, part, counters, out, lse if return_lse else out,
+    )  # fmt: skip
+    integers = (
+        kv_heads, group, rows, m, head_dim, chunk, prefix_splits, n_tail,
         query.stride(0), query.stride(1), query.stride(2),
         keys.stride(0), values.stride(0),
-        *_tail_strides(tail_k, kv_heads), *_tail_strides(tail_v, kv_heads),
-        *(mask.stride() if mask is not None else (0, 0, 0, 0)),
-        HAS_BIAS=bias is not None, HAS_TAIL=has_tail, HAS_MASK=mask is not None,
-        CAUSAL=has_tail and mask is None and causal and rows > 1, IEEE=ieee,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        *(_tail_strides(tail_k, kv_heads) if has_tail else (0, 0, 0)),
+        *(_tail_strides(tail_v, kv_heads) if has_tail else (0, 0, 0)),
+        *(mask_strides if mask is not None else (0, 0, 0, 0)),
     )  # fmt: skip
-    out = torch.empty(batch, hq, rows, head_dim, device=device, dtype=out_dtype or query.dtype)
-    lse = torch.empty(batch, hq, rows, device=device, dtype=torch.float32)
-    _reduce_kernel[(z_count, row_blocks)](
-        part_out, part_lse, out, lse, splits, m, head_dim, BLOCK_M=block_m, BLOCK_D=block_d
-    )
+    flags = (
+        bias is not None, has_tail, mask is not None, mask_bool, has_tail and mask is None and causal and rows > 1,
+        query.dtype == torch.float32, return_lse, block_m, block_n, block_d,
+    )  # fmt: skip
+    launch((z_count, splits, row_blocks), tensors, integers, float(scale), flags)
     return out, lse
 
 

@@ -195,3 +195,16 @@ def test_profile_gpu_summary_and_report_from_events():
     assert lines[32:] == ["| kernel | +GPU ms | case ms | plain ms | +calls | case calls |", "|---|---|---|---|---|---|",
                           "| triton_side_stream | 0.8 | 0.8 | 0.0 | +1 | 1 |", "| gemm | 0.5 | 1.5 | 1.0 | +1 | 2 |",
                           "| Memcpy DtoH (Device -> Pageable) | 0.0 | 0.0 | 0.0 | +1 | 1 |"]
+
+
+def test_host_overhead_script_runs_on_the_cpu(capsys, one_thread):
+    """The kernel runs in Triton's interpreter here (tests/conftest.py), so only the script is checked."""
+    pytest.importorskip("triton")
+    from benchmarks.perf import host_overhead
+
+    host_overhead.main(["--device", "cpu", "--slots", "64", "--repeats", "1"])
+    rows = [line.split("|")[1:3] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [name.strip() for name, _ in rows] == [
+        "sdpa", "dense layer step", "varlen layer step", "varlen_attention", "triton launch", "direct launch",
+    ]  # fmt: skip
+    assert all(float(us) > 0 for _, us in rows)

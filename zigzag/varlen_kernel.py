@@ -303,7 +303,7 @@ direct_launch = True
 
 
 def _current_stream(index: int) -> int:
-    """The raw current CUDA stream of device ``index``, read as Triton reads it."""
+    """The raw current CUDA stream of device ``index``, as Triton reads it."""
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # absent from CPU builds of torch
     return raw(index) if raw is not None else torch.cuda.current_stream(index).cuda_stream
 
@@ -311,6 +311,16 @@ def _current_stream(index: int) -> int:
 _DTYPE = operator.attrgetter("dtype")
 _DATA_PTR = operator.methodcaller("data_ptr")
 _SPECIALISED_VALUES = operator.itemgetter(*_SPECIALISED)
+
+
+def _launch_hooks_set() -> bool:
+    """Whether a profiler has set Triton's launch hooks (``triton.knobs.runtime``)."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is None:
+        return False
+    # A hook is a HookChain (its list of calls, empty when unused) in recent Triton, else a callable or None.
+    hooks = (runtime.launch_enter_hook, runtime.launch_exit_hook)
+    return any(hook is not None and bool(getattr(hook, "calls", True)) for hook in hooks)
 
 
 def _launch_key(tensors: tuple, integers: tuple, flags: tuple) -> tuple | None:
@@ -330,16 +340,20 @@ def launch(grid: tuple[int, int, int], tensors: tuple, integers: tuple, scale: f
     tens of microseconds, on a path that runs once per layer per decoded token and is bound by the
     host. The first launch of each specialisation goes through it and keeps the compiled kernel; the
     next ones with the same :func:`_launch_key` call that kernel's launcher directly, with the
-    arguments Triton would pass (all of them, in signature order). Launch hooks (profilers such as
-    proton) are not called on the direct path; set :data:`direct_launch` to False to keep them."""
-    key = _launch_key(tensors, integers, flags) if direct_launch else None
+    arguments Triton would pass (all of them, in signature order). While a profiler has set Triton's
+    launch hooks, every launch goes through Triton, which calls them."""
+    # Triton keeps compiled kernels per current device (a kernel handle belongs to one device): so do we.
+    on_cuda = direct_launch and tensors[0].device.type == "cuda" and not _launch_hooks_set()
+    device = torch.cuda.current_device() if on_cuda else None
+    key = _launch_key(tensors, integers, flags) if on_cuda else None
+    key = (device, key) if key is not None else None
     kernel = _compiled.get(key) if key is not None else None
     if kernel is None:
         kernel = _varlen_kernel[grid](*tensors, *integers[:8], scale, *integers[8:], **dict(zip(_FLAG_NAMES, flags)))
         if key is not None and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
             _compiled[key] = kernel  # not in Triton's interpreter, which returns no compiled kernel
         return
-    stream = _current_stream(tensors[0].device.index)
+    stream = _current_stream(device)
     kernel.run(
         *grid, stream, kernel.function, kernel.packed_metadata, None, None, None,
         *tensors, *integers[:8], scale, *integers[8:], *flags,

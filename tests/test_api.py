@@ -254,3 +254,29 @@ def test_head_wise_adakv_budgets_are_exact_on_a_tiny_model(attn):
     assert any(len(set(k[b].ne(-1).sum(-1).tolist())) > 1 for k in cache.kept_positions for b in range(batch))
     ours, ref = continuation_logits(model, ctx, cache, q)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_unpadded_batches_skip_the_padding_mask_with_the_same_scores():
+    """The context records whether any row is padded; without padding, SnapKV's and ZigZag's window
+    attention skip the padding mask, and the scores are those of the fully masked path."""
+    from dataclasses import replace
+
+    from tests.conftest import tiny_llama
+    from zigzag.scorers import get_scorer
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 100))
+    pre = prefill_context(model, {"input_ids": ids}, window=64, query_stats_skip=None)
+    assert pre.context.padded is False
+    padded_pre = prefill_context(
+        model, {"input_ids": ids, "attention_mask": torch.cat([torch.zeros(2, 1), torch.ones(2, 99)], 1).long()},
+        window=64, query_stats_skip=None,
+    )  # fmt: skip
+    assert padded_pre.context.padded is True
+    scorer = get_scorer("snapkv")
+    for layer in range(pre.num_layers):
+        fast = pre.scores(scorer, layer)
+        pre.context = replace(pre.context, padded=True)
+        masked = pre.scores(scorer, layer)
+        pre.context = replace(pre.context, padded=False)
+        torch.testing.assert_close(fast, masked, rtol=0, atol=0)

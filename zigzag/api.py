@@ -42,6 +42,7 @@ class _Context:
     valid: torch.Tensor  # (batch, seq) bool, False on left padding
     positions: torch.Tensor  # (batch, seq) long RoPE positions, 0 on padding
     lengths: torch.Tensor  # (batch,) long unpadded lengths
+    padded: bool  # some row has padding (read once here, so that no layer has to ask the device)
 
 
 def _as_context(inputs, device: torch.device) -> _Context:
@@ -86,7 +87,8 @@ def _as_context(inputs, device: torch.device) -> _Context:
             "zigzag needs left padding (padding before the tokens): set tokenizer.padding_side = 'left'"
         )
     positions = (valid.long().cumsum(dim=-1) - 1).clamp(min=0)
-    return _Context(input_ids.to(device=device, dtype=torch.long), valid, positions, lengths)
+    padded = bool((lengths < valid.shape[1]).any())
+    return _Context(input_ids.to(device=device, dtype=torch.long), valid, positions, lengths, padded)
 
 
 def _check_ratio(ratio) -> float:
@@ -314,13 +316,14 @@ class Prefill:
             query_mean=self.query_mean.get(layer),
             query_cov=self.query_cov.get(layer),
             rope=self.rope if scorer.needs_query_stats else None,
+            padded=self.context.padded,
         )
         return score_layer(scorer, view)
 
     def window_mass(self, layer: int, window: int) -> torch.Tensor:
         """``(batch, heads, seq)``: real softmax attention of the last ``window`` queries, averaged over them."""
         q = self._queries(layer, min(window, self.window))
-        return window_mass(q, self.cache.layers[layer].keys, self.context.valid, self.scalings[layer])
+        return window_mass(q, self.cache.layers[layer].keys, self.context.valid, self.scalings[layer], self.context.padded)
 
     def budgets(self, ratio: float, allocator: BudgetAllocator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(batch, num_layers)`` long budgets and the ``(batch, num_layers)`` LMBA (or None).
@@ -461,11 +464,12 @@ def score_layer(scorer: Scorer, view: LayerView) -> torch.Tensor:
     return scores.float().masked_fill(~view.valid[:, None, :], float("-inf"))
 
 
-def window_mass(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:
+def window_mass(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float, padded: bool = True) -> torch.Tensor:
     """``(batch, heads, seq)``: softmax attention of the ``(batch, heads, w, head_dim)`` last queries over
-    ``keys``, averaged over the queries (what ZigZag's LMBA is measured on)."""
+    ``keys``, averaged over the queries (what ZigZag's LMBA is measured on). ``padded``: see
+    :func:`~zigzag.scorers.window_attention`."""
     with _tf32_matmuls():
-        return window_attention(queries, keys, valid, scaling).mean(dim=2)
+        return window_attention(queries, keys, valid, scaling, padded).mean(dim=2)
 
 
 def rank_tokens(scores: torch.Tensor) -> torch.Tensor:

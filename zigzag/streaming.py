@@ -154,6 +154,7 @@ class _Slots:
     values: torch.Tensor
     columns: torch.Tensor
     valid: torch.Tensor
+    padded: bool = True  # False when valid is known to be all True (the first chunk of an unpadded batch)
 
     @property
     def per_head(self) -> bool:
@@ -243,7 +244,7 @@ class _LayerwiseCompressor:
         ctx, start, end = self.ctx, self.start, self.end
         if not isinstance(held, CompressedLayer):  # first chunk: a plain layer, every head alike
             columns = torch.arange(end, device=held.keys.device).expand(*held.keys.shape[:3])
-            return _Slots(held.keys, held.values, columns, ctx.valid[:, :end])
+            return _Slots(held.keys, held.values, columns, ctx.valid[:, :end], padded=ctx.padded)
         batch, kv_heads = held.keys.shape[:2]
         new = torch.arange(start, end, device=held.keys.device).expand(batch, kv_heads, -1)
         columns = torch.cat([held.kept_positions, new], dim=-1)
@@ -285,7 +286,7 @@ class _LayerwiseCompressor:
         else:
             view = LayerView(slots.keys, slots.values, slots.valid, self.ctx.positions[:, : self.end], scaling, layer,
                              self.num_layers, last(self.scorer.query_window), mean, cov,
-                             self.rope if self.scorer.needs_query_stats else None)
+                             self.rope if self.scorer.needs_query_stats else None, padded=slots.padded)
             scores = score_layer(self.scorer, view)
         seq = self.end
         if self.budgets is not None:
@@ -306,7 +307,9 @@ class _LayerwiseCompressor:
                 )
         else:
             window_queries = last(self.allocator.window)
-            mass = window_mass(_fold(window_queries, kv_heads) if slots.per_head else window_queries, view.keys, view.valid, scaling)
+            mass = window_mass(
+                _fold(window_queries, kv_heads) if slots.per_head else window_queries, view.keys, view.valid, scaling, view.padded
+            )
             if getattr(self.allocator, "head_wise", False):  # per-KV-head LMBA (zigzag_heads): (batch, kv_heads)
                 measured = self.allocator.measure_heads(mass, view.valid, 1 if slots.per_head else kv_heads)
                 self.lmba.append(measured.reshape(scores.shape[0], kv_heads))

@@ -43,6 +43,22 @@ def test_window_attention_matches_full_causal_attention(w, groups):
     torch.testing.assert_close(sums, q_sees[:, None, :].float().expand_as(sums))
 
 
+@pytest.mark.parametrize("w", [1, 5, 9])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_window_attention_without_padding_skips_only_the_padding_mask(w, groups):
+    """``padded=False`` (no padding anywhere) masks only the window's own keys causally: the same
+    probabilities as the full float64 reference and as the masked path, on fresh inputs."""
+    batch, kv_heads, seq, d = 2, 2, 9, 8
+    queries_all = torch.randn(batch, kv_heads * groups, seq, d)
+    keys = torch.randn(batch, kv_heads, seq, d)
+    valid = torch.ones(batch, seq, dtype=torch.bool)
+    fast = window_attention(queries_all[:, :, seq - w :], keys, valid, 0.37, padded=False)
+    ref = full_attention_last_rows(queries_all, keys, valid, 0.37, w)
+    torch.testing.assert_close(fast.double(), ref, rtol=1e-5, atol=1e-6)
+    masked = window_attention(queries_all[:, :, seq - w :], keys, valid, 0.37, padded=True)
+    torch.testing.assert_close(fast, masked, rtol=0, atol=0)
+
+
 def test_window_attention_accepts_bfloat16_and_rejects_bad_shapes():
     q = torch.randn(1, 4, 2, 8, dtype=torch.bfloat16)
     k = torch.randn(1, 2, 5, 8, dtype=torch.bfloat16)

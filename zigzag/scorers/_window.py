@@ -17,6 +17,7 @@ def window_attention(
     keys: torch.Tensor,
     valid: torch.Tensor,
     scaling: float,
+    padded: bool = True,
 ) -> torch.Tensor:
     """Softmax attention of the last ``window`` queries over every cached key, in float32.
 
@@ -42,6 +43,9 @@ def window_attention(
             multiple of ``kv_heads``.
         valid: ``(batch, seq)`` bool, False on padding.
         scaling: softmax scale of the layer (``head_dim ** -0.5`` for Llama).
+        padded: False when ``valid`` is all True (the caller knows it without a device sync): the
+            padding mask, a pass over the whole ``(batch, heads, window, seq)`` logits, is skipped and
+            only the last ``window`` columns get the causal mask. True: mask every column.
 
     Returns:
         ``(batch, heads, window, seq)`` float32 attention probabilities.
@@ -76,6 +80,11 @@ def window_attention(
     logits = logits.view(batch, heads, window, seq)
 
     device = keys.device
+    if not padded:
+        # Only the window's own keys can be hidden (causally), and every query sees at least itself.
+        tail = torch.ones(window, window, dtype=torch.bool, device=device).tril()
+        logits[..., seq - window :].masked_fill_(~tail, float("-inf"))
+        return torch.softmax(logits, dim=-1)
     q_index = torch.arange(seq - window, seq, device=device)  # sequence index of each window query
     k_index = torch.arange(seq, device=device)
     causal = k_index[None, :] <= q_index[:, None]  # (window, seq)

@@ -36,6 +36,8 @@ class LayerView:
         rope: the model's rotary embedding as a function of positions, or None.
         scaling: the softmax scale of the layer's attention (``head_dim ** -0.5`` for Llama).
         layer_idx: index of this layer, ``num_layers`` in all.
+        padded: False when ``valid`` is known to be all True (no padding, no empty slot), so that
+            window attention can skip its padding mask; True when it may hold False.
     """
 
     keys: torch.Tensor
@@ -49,6 +51,7 @@ class LayerView:
     query_mean: torch.Tensor | None = None
     query_cov: torch.Tensor | None = None
     rope: RopeFn | None = None
+    padded: bool = True
 
     @property
     def batch(self) -> int:

@@ -81,7 +81,7 @@ class SnapKV:
         queries = last_queries(layer, w, type(self).__name__)
         valid = layer.valid.to(device=layer.keys.device, dtype=torch.bool)
 
-        probs = window_attention(queries, layer.keys, valid, layer.scaling)  # (batch, heads, w, seq)
+        probs = window_attention(queries, layer.keys, valid, layer.scaling, layer.padded)  # (batch, heads, w, seq)
         q_valid = valid[:, -w:].to(torch.float32)  # (batch, w)
         n_queries = q_valid.sum(dim=-1).clamp(min=1.0)  # (batch,)
         mass = torch.einsum("bhws,bw->bhs", probs, q_valid) / n_queries[:, None, None]  # (batch, heads, seq)

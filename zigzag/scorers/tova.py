@@ -44,7 +44,7 @@ class TOVA:
         batch, kv_heads, seq = layer.batch, layer.kv_heads, layer.seq
         queries = last_queries(layer, 1, type(self).__name__)  # (batch, heads, 1, head_dim)
         valid = layer.valid.to(device=layer.keys.device, dtype=torch.bool)
-        probs = window_attention(queries, layer.keys, valid, layer.scaling)  # (batch, heads, 1, seq)
+        probs = window_attention(queries, layer.keys, valid, layer.scaling, layer.padded)  # (batch, heads, 1, seq)
         mass = probs[:, :, 0].mean(dim=1, keepdim=True)  # (batch, 1, seq)
         last = torch.zeros(batch, seq, dtype=torch.bool, device=mass.device)
         last[:, -1] = True

@@ -259,17 +259,18 @@ def split_chunk(total: int, width: int, device: torch.device, block: int = BLOCK
     return chunk, max(1, _cdiv(width, chunk))
 
 
-_counters: dict[torch.device, torch.Tensor] = {}
+_counters: dict[tuple, torch.Tensor] = {}
 
 
 def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
-    """``(>= count,)`` int32 zeros shared by all launches on ``device``; each launch leaves them zero.
-
-    Launches on one stream run one after another, so they can share the counters."""
-    counters = _counters.get(device)
+    """``(>= count,)`` int32 zeros shared by the launches on ``device``'s current stream; each launch
+    leaves them zero. Launches on one stream run one after another, so they can share the counters;
+    another stream, which may run at the same time, gets its own."""
+    key = (device, _current_stream(device.index) if device.type == "cuda" else 0)
+    counters = _counters.get(key)
     if counters is None or counters.numel() < count:
         counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-        _counters[device] = counters
+        _counters[key] = counters
     return counters
 
 

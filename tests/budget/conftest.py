@@ -32,6 +32,22 @@ def waterfill(weights: Sequence[Number], total: int, lower: Sequence[int], upper
         clipped |= set(over)
 
 
+def assert_more_uncertainty_never_fewer_tokens(
+    uncertainty: Sequence[float], budgets: Sequence[int], *, tie_slack: int | None = 1, separable: Sequence[float] | None = None
+) -> None:
+    """For every pair of entries: more ``uncertainty`` never gets fewer tokens, and equal uncertainty
+    differs by at most ``tie_slack`` tokens (None: ties are not checked). ``separable``: a second
+    ordering that must also put ``i`` above ``j`` before the pair is checked (a transform of the
+    uncertainty, where float64 may no longer tell two values apart)."""
+    order = uncertainty if separable is None else separable
+    for i, (u_i, x_i) in enumerate(zip(uncertainty, budgets)):
+        for j, (u_j, x_j) in enumerate(zip(uncertainty, budgets)):
+            if u_i > u_j and order[i] > order[j]:
+                assert x_i >= x_j, f"entry {i} (uncertainty {u_i}) keeps {x_i} < entry {j} ({u_j}) keeps {x_j}"
+            if tie_slack is not None and u_i == u_j:
+                assert abs(x_i - x_j) <= tie_slack, f"equal uncertainty {u_i}: entries {i} and {j} keep {x_i} and {x_j}"
+
+
 @pytest.fixture(scope="session")
 def waterfill_ref() -> Callable[..., list[Fraction]]:
     return waterfill

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import json
 import statistics
@@ -446,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     warm = ids_of(min(lengths))
     for kwargs in ({}, {"ratio": args.ratio, "scorer": "expected_attention", "budget": "zigzag"},
                    {"ratio": args.ratio, "scorer": "knorm", "budget": "uniform", "merge": "cosine"}):
-        meter(lambda: compress_cache(model, warm, **kwargs) if kwargs else plain_prefill(model, warm))
+        meter(functools.partial(compress_cache, model, warm, **kwargs) if kwargs else functools.partial(plain_prefill, model, warm))
     del warm
 
     steps = args.decode_steps
@@ -454,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
         ids = ids_of(length)
         reps = 2 if length <= 32768 else 1
         # Untimed: pinned host blocks of this size (zigzag's provisional layers) and kernels for it.
-        meter(lambda: compress_cache(model, ids, ratio=args.ratio, scorer="knorm", budget="zigzag"))
+        meter(functools.partial(compress_cache, model, ids, ratio=args.ratio, scorer="knorm", budget="zigzag"))
         common = dict(reps=reps, decode_steps=steps, ratio=args.ratio)
         if "overhead" in sections:
             run_case(rows, meter, model, ids, section="overhead", method="none", reps=reps, decode_steps=steps)

@@ -124,7 +124,7 @@ def bench_layer(T: int, args, config, device: torch.device, dtype: torch.dtype) 
     backends = ["torch"]
     if device.type == "cuda":
         try:
-            import triton  # noqa: F401
+            import triton
 
             backends.append("triton")
         except ImportError:

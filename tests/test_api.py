@@ -14,10 +14,10 @@ from transformers import MistralConfig, MistralForCausalLM
 
 from tests.conftest import continuation_logits, tiny_llama
 from tests.reference import attention, keep_masks, masked_reference
-from zigzag import UnsupportedModelError, compress_cache
-from zigzag import prefill_context
+from zigzag import UnsupportedModelError, compress_cache, prefill_context
 from zigzag.needle import needle_prompt
 from zigzag.scorers import window_attention
+
 
 def _batch(tok, lengths=(320, 230), seed=11):
     """Two needle contexts of different lengths, left padded, and a shared question."""

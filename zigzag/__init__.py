@@ -8,7 +8,6 @@ from zigzag.api import Prefill, UnsupportedModelError, prefill_context
 from zigzag.budget import BUDGETS, Pyramid, Uniform, ZigZag, get_budget
 from zigzag.cache import CompressedLayer, ZigZagCache
 from zigzag.models import load_smollm2
-from zigzag.streaming import compress_cache
 from zigzag.scorers import (
     SCORERS,
     TOVA,
@@ -20,6 +19,7 @@ from zigzag.scorers import (
     StreamingLLM,
     get_scorer,
 )
+from zigzag.streaming import compress_cache
 
 __all__ = [
     "BUDGETS",
@@ -28,20 +28,20 @@ __all__ = [
     "CompressedLayer",
     "ExpectedAttention",
     "Knorm",
+    "Prefill",
     "Pyramid",
     "RandomScorer",
     "SnapKV",
     "SpanPooled",
     "StreamingLLM",
     "Uniform",
-    "Prefill",
     "UnsupportedModelError",
     "ZigZag",
     "ZigZagCache",
     "compress_cache",
-    "prefill_context",
     "get_budget",
     "get_scorer",
     "load_smollm2",
+    "prefill_context",
 ]
 __version__ = "0.1.0"

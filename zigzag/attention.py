@@ -207,7 +207,7 @@ class RaggedKeys(torch.Tensor):
     @staticmethod
     def wrap(
         keys: torch.Tensor, prefix_valid: torch.Tensor, prefix_full: bool, prefix_bias: torch.Tensor | None = None
-    ) -> "RaggedKeys":
+    ) -> RaggedKeys:
         out = keys.as_subclass(RaggedKeys)
         out._prefix_valid = prefix_valid
         out._prefix_full = prefix_full
@@ -236,7 +236,7 @@ class _RaggedScores(torch.Tensor):
     _prefix_bias: torch.Tensor | None
 
     @staticmethod
-    def wrap(scores: torch.Tensor, prefix_valid: torch.Tensor, prefix_bias: torch.Tensor | None) -> "_RaggedScores":
+    def wrap(scores: torch.Tensor, prefix_valid: torch.Tensor, prefix_bias: torch.Tensor | None) -> _RaggedScores:
         out = scores.as_subclass(_RaggedScores)
         out._prefix_valid = prefix_valid
         out._prefix_bias = prefix_bias

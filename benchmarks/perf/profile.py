@@ -40,7 +40,15 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.perf.run import Meter, build_model, busy_time, is_gpu_activity, llama_8b_config, plain_prefill, tiny_config
+from benchmarks.perf.run import (
+    Meter,
+    build_model,
+    busy_time,
+    is_gpu_activity,
+    llama_8b_config,
+    plain_prefill,
+    tiny_config,
+)
 from zigzag import compress_cache
 
 HOST_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",

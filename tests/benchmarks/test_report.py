@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from benchmarks.ruler import report  # noqa: E402
-from benchmarks.ruler.report import CORE_TASKS, load_records, plot_accuracy, summarize  # noqa: E402
+from benchmarks.ruler import report
+from benchmarks.ruler.report import CORE_TASKS, load_records, plot_accuracy, summarize
 
 # (protocol, scorer, budget, merge, {ratio: score on every core task})
 SETTINGS = [
@@ -33,11 +33,10 @@ def _fake_run(out: Path) -> Path:
             rows = [(protocol, "none", "none", "off", {0.0: 70.0})] + [s for s in SETTINGS if s[0] == protocol]
             for _, scorer, budget, merge, scores in rows:
                 for ratio, score in scores.items():
-                    for task in CORE_TASKS:
-                        f.write(json.dumps({
+                    f.writelines(json.dumps({
                             "task": task, "index": 0, "protocol": protocol, "setting": f"{scorer}|{budget}|{ratio:g}|{merge}",
                             "scorer": scorer, "budget": budget, "ratio": ratio, "merge": merge, "score": score,
-                        }) + "\n")
+                        }) + "\n" for task in CORE_TASKS)
     with open(out / "budgets.rank0.jsonl", "w") as f:
         for budget, merge, budgets in [("uniform", "off", [4.0, 4.0, 4.0]), ("uniform", "cosine", [4.0, 4.0, 4.0]),
                                        ("zigzag", "off", [2.0, 6.0, 4.0])]:

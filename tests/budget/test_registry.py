@@ -30,7 +30,7 @@ def test_objects_pass_through() -> None:
         name = "custom"
         needs_lmba = False
 
-        def allocate(self, avg_budget, seq_len, num_layers, lmba=None):  # noqa: ANN001, ANN201
+        def allocate(self, avg_budget, seq_len, num_layers, lmba=None):
             return avg_budget[:, None].expand(-1, num_layers)
 
     c = Custom()

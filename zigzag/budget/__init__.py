@@ -20,18 +20,18 @@ import re
 
 from zigzag.budget.adakv import AdaKV, adakv_head_budgets
 from zigzag.budget.apportion import apportion
-from zigzag.budget.heads import ZigZagHeads, layer_mean_budgets, zigzag_head_budgets
 from zigzag.budget.base import BudgetAllocator, check_allocate_args
+from zigzag.budget.heads import ZigZagHeads, layer_mean_budgets, zigzag_head_budgets
 from zigzag.budget.pyramid import Pyramid
 from zigzag.budget.uniform import Uniform
 from zigzag.budget.zigzag import LMBA_REL_TOL, ZigZag, lmba, lmba_per_head
 
 __all__ = [
-    "AdaKV",
     "BUDGETS",
     "BUDGET_OPTIONS",
-    "BudgetAllocator",
     "LMBA_REL_TOL",
+    "AdaKV",
+    "BudgetAllocator",
     "Pyramid",
     "Uniform",
     "ZigZag",

@@ -15,7 +15,8 @@ Contract of ``allocate``, for every row ``b``:
 from __future__ import annotations
 
 import numbers
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 

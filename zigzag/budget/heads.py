@@ -18,8 +18,9 @@ restricted to the group); it is smaller when the query heads look at different t
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 
@@ -27,7 +28,7 @@ from zigzag.budget.apportion import apportion
 from zigzag.budget.base import check_allocate_args, lmba_values
 from zigzag.budget.zigzag import _check_tau, check_variant_options, lmba_per_head, variant_cap, zigzag_bound
 
-__all__ = ["ZigZagHeads", "zigzag_head_budgets", "layer_mean_budgets"]
+__all__ = ["ZigZagHeads", "layer_mean_budgets", "zigzag_head_budgets"]
 
 GROUP_MODES = ("mass", "mean")
 

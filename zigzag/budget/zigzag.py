@@ -10,15 +10,16 @@ Budgets follow Eq. 6 of the paper (:class:`ZigZag`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Sequence, cast
+from typing import ClassVar, cast
 
 import torch
 
 from zigzag.budget.apportion import apportion
 from zigzag.budget.base import check_allocate_args
 
-__all__ = ["ZigZag", "lmba", "lmba_per_head", "LMBA_REL_TOL", "check_variant_options", "variant_cap"]
+__all__ = ["LMBA_REL_TOL", "ZigZag", "check_variant_options", "lmba", "lmba_per_head", "variant_cap"]
 
 LMBA_REL_TOL = 1.0e-9
 """Relative slack on "reaches ``tau`` of the mass": a prefix counts as reaching it when its mass is

@@ -98,6 +98,7 @@ def get_scorer(spec: Any) -> Scorer:
 
 __all__ = [
     "SCORERS",
+    "TOVA",
     "WRAPPER_SUFFIXES",
     "ExpectedAttention",
     "HeadShared",
@@ -109,7 +110,6 @@ __all__ = [
     "SnapKV",
     "SpanPooled",
     "StreamingLLM",
-    "TOVA",
     "get_scorer",
     "group_mean",
     "window_attention",

@@ -208,3 +208,17 @@ def test_launch_hooks_send_launches_through_triton():
     finally:
         runtime.launch_enter_hook.remove(hook)
     assert not varlen_kernel._launch_hooks_set()
+
+
+def test_launch_argument_order_is_the_kernels():
+    """The direct launch passes arguments by position: its name lists must follow the kernel's signature."""
+    import inspect
+
+    from zigzag import varlen_kernel as vk
+
+    params = list(inspect.signature(getattr(vk._varlen_kernel, "fn", vk._varlen_kernel)).parameters)
+    ints = list(vk._INT_NAMES)
+    pointers = [name for name in params if name.endswith("_ptr")]
+    assert len(pointers) == 12  # the tensors varlen_attention passes, in this order, first
+    expected = pointers + ints[: vk._SCALE_AT] + ["scale"] + ints[vk._SCALE_AT :] + list(vk._FLAG_NAMES)
+    assert params == expected

@@ -295,6 +295,7 @@ _INT_NAMES = (
     "s_mb", "s_mh", "s_mi", "s_mj",
 )  # fmt: skip
 _FLAG_NAMES = ("HAS_BIAS", "HAS_TAIL", "HAS_MASK", "MASK_BOOL", "CAUSAL", "IEEE", "WRITE_LSE", "BLOCK_M", "BLOCK_N", "BLOCK_D")
+_SCALE_AT = _INT_NAMES.index("s_qb")  # the float ``scale`` sits between n_tail and the strides
 # The integers Triton specialises on (divisible by 16, equal to 1): every other one is do_not_specialize.
 _SPECIALISED = tuple(i for i, name in enumerate(_INT_NAMES) if name not in _NOT_SPECIALISED)
 _INT32 = 2**31
@@ -334,6 +335,18 @@ def _launch_key(tensors: tuple, integers: tuple, flags: tuple) -> tuple | None:
     return flags, tuple(map(_DTYPE, tensors)), _SPECIALISED_VALUES(integers)
 
 
+def _runtime_args(tensors: tuple, integers: tuple, scale: float) -> tuple:
+    """The kernel's non-constexpr arguments in signature order (the tensors, then ``_INT_NAMES`` with
+    ``scale`` in its place)."""
+    return (*tensors, *integers[:_SCALE_AT], scale, *integers[_SCALE_AT:])
+
+
+def launch_through_triton(grid: tuple[int, int, int], tensors: tuple, integers: tuple, scale: float, flags: tuple):
+    """``_varlen_kernel[grid](...)``: Triton binds and specialises every argument. Returns what Triton
+    returns (the compiled kernel on CUDA)."""
+    return _varlen_kernel[grid](*_runtime_args(tensors, integers, scale), **dict(zip(_FLAG_NAMES, flags)))
+
+
 def launch(grid: tuple[int, int, int], tensors: tuple, integers: tuple, scale: float, flags: tuple) -> None:
     """Launch :func:`_varlen_kernel`.
 
@@ -347,17 +360,15 @@ def launch(grid: tuple[int, int, int], tensors: tuple, integers: tuple, scale: f
     on_cuda = direct_launch and tensors[0].device.type == "cuda" and not _launch_hooks_set()
     device = torch.cuda.current_device() if on_cuda else None
     key = _launch_key(tensors, integers, flags) if on_cuda else None
-    key = (device, key) if key is not None else None
-    kernel = _compiled.get(key) if key is not None else None
+    kernel = _compiled.get((device, key)) if key is not None else None
     if kernel is None:
-        kernel = _varlen_kernel[grid](*tensors, *integers[:8], scale, *integers[8:], **dict(zip(_FLAG_NAMES, flags)))
+        kernel = launch_through_triton(grid, tensors, integers, scale, flags)
         if key is not None and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
-            _compiled[key] = kernel  # not in Triton's interpreter, which returns no compiled kernel
+            _compiled[(device, key)] = kernel  # not in Triton's interpreter, which returns no compiled kernel
         return
-    stream = _current_stream(device)
     kernel.run(
-        *grid, stream, kernel.function, kernel.packed_metadata, None, None, None,
-        *tensors, *integers[:8], scale, *integers[8:], *flags,
+        *grid, _current_stream(device), kernel.function, kernel.packed_metadata, None, None, None,
+        *_runtime_args(tensors, integers, scale), *flags,
     )  # fmt: skip
 
 

@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     wrapper()
     vk.launch = real_launch
     grid, tensors, integers, scale, flags = captured["args"]
-    names = dict(zip(vk._FLAG_NAMES, flags))
-    through_run = lambda: vk._varlen_kernel[grid](*tensors, *integers[:8], scale, *integers[8:], **names)
+    through_run = lambda: vk.launch_through_triton(grid, tensors, integers, scale, flags)
     direct = lambda: vk.launch(grid, tensors, integers, scale, flags)
 
     rows = [

@@ -346,20 +346,19 @@ class _LayerwiseCompressor:
             self._set_budgets(self.allocator.allocate(self.avg_budget.cpu(), self.pool, self.num_layers, lmba))
             device = ctx.input_ids.device
             _host_ready(device)
-            width = self.avg_width
             # Shrink first, grow after: the cache never holds more than its final size plus one layer.
-            order = sorted(range(self.num_layers), key=lambda i: int(self.budgets[:, i].max()) > width)
+            order = sorted(range(self.num_layers), key=lambda i: int(self.budgets[:, i].max()) > self.avg_width)
             for i in order:
                 pending = self.pending.pop(i)
                 budget, host_budget = self.budgets_device[:, i], self.budgets[:, i]
-                width = int(host_budget.max())
+                layer_width = int(host_budget.max())
                 if self.merger is not None:
                     ranked, keys, values = pending.full(device)
-                    kept = keep_best(ranked[..., :width], budget)[0]
+                    kept = keep_best(ranked[..., :layer_width], budget)[0]
                     row_budgets = host_budget if host_budget.dim() == 1 else None
                     self.cache.layers[i] = build_layer(keys, values, kept, ctx.valid, self.merger, row_budgets=row_budgets)
                 else:
-                    self.cache.layers[i] = _finish(*pending.best(width, device), budget, host_budget, seq)
+                    self.cache.layers[i] = _finish(*pending.best(layer_width, device), budget, host_budget, seq)
         budgets = self.budgets
         if budgets.dim() == 3:  # head-wise allocator: report per layer (mean per KV head, exact row totals)
             budgets, lmba = layer_mean_budgets(budgets), lmba.mean(dim=-1)

@@ -422,7 +422,7 @@ class VarlenLayer(DynamicLayer):
         self.offsets = torch.cat([head_lengths.new_zeros(1), head_lengths.flatten().cumsum(0)])
         self.width = int(head_lengths.max()) if head_lengths.numel() else 0  # one sync, at build time
         self._pieces = None
-        self._splits: tuple[int, int] | None = None  # the Triton kernel's (chunk, splits), on first use
+        self._split_plan: tuple[int, int] | None = None  # the Triton kernel's (chunk, splits), on first use
         if self.device.type == "cuda" and get_backend(self.device) == "flex":
             self._build_pieces()  # now, so that the first decoding step does not sync
 
@@ -480,11 +480,11 @@ class VarlenLayer(DynamicLayer):
 
     def _triton(self, query: torch.Tensor, scale: float, out_dtype: torch.dtype, **tail) -> tuple[torch.Tensor, torch.Tensor | None]:
         kernels = _triton_kernels()
-        if self._splits is None:
-            self._splits = kernels.split_chunk(self.prefix_keys.shape[0], self.width, self.device)
+        if self._split_plan is None:
+            self._split_plan = kernels.split_chunk(self.prefix_keys.shape[0], self.width, self.device)
         return kernels.varlen_attention(
             query, self.prefix_keys, self.prefix_values, self.offsets, self.prefix_bias,
-            kv_heads=self.kv_heads, width=self.width, scale=scale, out_dtype=out_dtype, splits=self._splits, **tail,
+            kv_heads=self.kv_heads, width=self.width, scale=scale, out_dtype=out_dtype, split_plan=self._split_plan, **tail,
         )  # fmt: skip
 
     def attend_prefix(self, query: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -388,7 +388,7 @@ def varlen_attention(
     causal: bool = False,
     out_dtype: torch.dtype | None = None,
     return_lse: bool = True,
-    splits: tuple[int, int] | None = None,
+    split_plan: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of ``query`` over a flat varlen prefix and (optionally) a dense tail, in one launch.
 
@@ -408,7 +408,7 @@ def varlen_attention(
         causal: see ``tail_mask``.
         out_dtype: dtype of ``out`` (default: the query's).
         return_lse: also return the log-sum-exp (else None, and it is never written).
-        splits: :func:`split_chunk` of this layout (``(chunk, prefix splits)``), when the caller keeps
+        split_plan: :func:`split_chunk` of this layout (``(chunk, prefix splits)``), when the caller keeps
             it; computed here otherwise.
 
     Returns:
@@ -426,7 +426,7 @@ def varlen_attention(
     block_m = 16 if m <= 16 else 64
     block_n = BLOCK_N
     block_d = max(16, 1 << (head_dim - 1).bit_length())
-    chunk, prefix_splits = splits if splits is not None else split_chunk(keys.shape[0], width, device, block_n)
+    chunk, prefix_splits = split_plan if split_plan is not None else split_chunk(keys.shape[0], width, device, block_n)
     n_tail = tail_keys.shape[2] if tail_keys is not None else 0
     has_tail = n_tail > 0
     if has_tail and (tail_keys.shape[1] not in (kv_heads, hq) or tail_values.shape != tail_keys.shape):

@@ -9,9 +9,8 @@ full cache and everything scorers and allocators read; :meth:`Prefill.compress` 
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -19,9 +18,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from zigzag._hf import decoder_of, forward_hooks, query_projection, rope_fn, rotate_half, tf32_matmuls
 from zigzag.budget import BudgetAllocator, get_budget, layer_mean_budgets
 from zigzag.cache import CompressedLayer, ZigZagCache
 from zigzag.merge import get_merge
+from zigzag.reconstruction import Reconstruction, reconstruction_scores
 from zigzag.scorers import LayerView, Scorer, get_scorer, window_attention
 from zigzag.varlen import VarlenLayer, heads_differ
 
@@ -102,13 +103,9 @@ def _check_ratio(ratio) -> float:
 # ---------------------------------------------------------------------------------------------- model
 
 
-def _decoder(model: nn.Module) -> nn.Module:
-    return model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
-
-
 def _check_model(model: nn.Module) -> None:
     config = getattr(model, "config", None)
-    if config is None or not hasattr(_decoder(model), "layers"):
+    if config is None or not hasattr(decoder_of(model), "layers"):
         raise TypeError(f"model must be a Hugging Face causal LM (e.g. LlamaForCausalLM); got {type(model).__name__}")
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -131,21 +128,6 @@ def _check_model(model: nn.Module) -> None:
             f"attention implementation {attn!r} is not supported; use one of {SUPPORTED_ATTENTION} "
             "(model.set_attn_implementation('sdpa'))"
         )
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _rope_fn(model: nn.Module, like: torch.Tensor):
-    rotary = _decoder(model).rotary_emb
-
-    def rope(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = rotary(like, positions.to(like.device))
-        return cos.float(), sin.float()
-
-    return rope
 
 
 # ---------------------------------------------------------------------------------------------- capture
@@ -186,7 +168,7 @@ class _QueryCapture:
             return
         # One float32 copy of the queries, centred and masked in place (at 32k tokens and 32 heads each
         # extra copy is 512 MB of traffic per layer), and TF32 products, as for the scores they feed.
-        with _tf32_matmuls():
+        with tf32_matmuls():
             centered = q.to(torch.float32, copy=True)  # a copy even for float32 models: q feeds attention
             mean = torch.einsum("bs,bshd->bhd", use, centered) / count
             centered.sub_(mean[:, None]).mul_(use[:, :, None, None])
@@ -226,26 +208,10 @@ def query_moments_half(q: torch.Tensor, use: torch.Tensor, count: torch.Tensor) 
     return mean, second - delta[..., :, None] * delta[..., None, :]
 
 
-def _query_projection(attention: nn.Module) -> nn.Module:
-    # Qwen3 normalises queries per head after the projection and before RoPE.
-    return attention.q_norm if hasattr(attention, "q_norm") else attention.q_proj
-
-
-@contextlib.contextmanager
-def _hooks(modules_and_hooks) -> Iterator[None]:
-    handles = []
-    try:
-        for module, hook in modules_and_hooks:
-            handles.append(module.register_forward_hook(hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _query_window_needed(scorer: Scorer, allocator: BudgetAllocator) -> int:
     """Last queries (after RoPE) that the scorer and, for LMBA, the allocator read."""
     return max(scorer.query_window, allocator.window if allocator.needs_lmba else 0)
+
 
 
 @dataclass
@@ -265,6 +231,9 @@ class Prefill:
             empty when ``query_stats_skip`` is None.
         rope: the model's rotary embedding as a function of positions.
         scalings: per layer, the attention softmax scale.
+        reconstruction: how the context was repeated for :class:`~zigzag.scorers.KVzip`, or None.
+        reconstruction_scores: per layer, ``(batch, kv_heads, seq)`` float32 reconstruction scores
+            (:mod:`zigzag.reconstruction`); empty when ``reconstruction`` is None.
     """
 
     cache: DynamicCache
@@ -276,6 +245,8 @@ class Prefill:
     scalings: list[float]
     window: int
     query_stats_skip: int | None
+    reconstruction: Reconstruction | None = None
+    reconstruction_scores: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def num_layers(self) -> int:
@@ -300,6 +271,12 @@ class Prefill:
                 f"{scorer.name} needs query statistics skipping {scorer.query_stats_skip} sink tokens but this "
                 f"prefill has {self.query_stats_skip}; call prefill_context(..., query_stats_skip={scorer.query_stats_skip})"
             )
+        wanted_repeat = getattr(scorer, "reconstruction", None)
+        if wanted_repeat is not None and wanted_repeat != self.reconstruction:
+            raise ValueError(
+                f"{scorer.name} needs the context reconstructed with {wanted_repeat} but this prefill has "
+                f"{self.reconstruction}; call prefill_context(..., reconstruction=scorer.reconstruction)"
+            )
 
     def scores(self, scorer: Scorer, layer: int) -> torch.Tensor:
         """``(batch, kv_heads, seq)`` float scores of one layer, ``-inf`` on padding."""
@@ -317,6 +294,7 @@ class Prefill:
             query_cov=self.query_cov.get(layer),
             rope=self.rope if scorer.needs_query_stats else None,
             padded=self.context.padded,
+            reconstruction_scores=self.reconstruction_scores[layer] if self.reconstruction_scores else None,
         )
         return score_layer(scorer, view)
 
@@ -376,7 +354,15 @@ class Prefill:
 
 
 @torch.no_grad()
-def prefill_context(model: nn.Module, inputs, *, window: int = 64, query_stats_skip: int | None = 4) -> Prefill:
+def prefill_context(
+    model: nn.Module,
+    inputs,
+    *,
+    window: int = 64,
+    query_stats_skip: int | None = 4,
+    reconstruction: Reconstruction | None = None,
+    progress: bool = False,
+) -> Prefill:
     """Run the model once over the context and keep what any scorer and allocator will need.
 
     Args:
@@ -385,6 +371,9 @@ def prefill_context(model: nn.Module, inputs, *, window: int = 64, query_stats_s
         window: last queries kept after RoPE (SnapKV, TOVA and ZigZag's LMBA read them); 0 for none.
         query_stats_skip: sink tokens left out of the pre-RoPE query statistics (ExpectedAttention);
             None to skip the statistics.
+        reconstruction: also repeat the context this way and keep the scores
+            (:mod:`zigzag.reconstruction`; what :class:`~zigzag.scorers.KVzip` reads); None to skip.
+        progress: show a progress bar over the reconstruction's chunks.
 
     Returns:
         A :class:`Prefill`; ``prefill.compress(ratio, scorer, budget)`` gives a :class:`ZigZagCache`.
@@ -392,10 +381,12 @@ def prefill_context(model: nn.Module, inputs, *, window: int = 64, query_stats_s
     _check_model(model)
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         raise ValueError(f"window must be a non-negative int; got {window!r}")
+    if reconstruction is not None and not isinstance(reconstruction, Reconstruction):
+        raise TypeError(f"reconstruction must be a zigzag.reconstruction.Reconstruction or None; got {type(reconstruction).__name__}")
     device = next(model.parameters()).device
     ctx = _as_context(inputs, device)
     config = model.config
-    decoder = _decoder(model)
+    decoder = decoder_of(model)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     seq = ctx.input_ids.shape[1]
@@ -403,7 +394,7 @@ def prefill_context(model: nn.Module, inputs, *, window: int = 64, query_stats_s
     capture = _QueryCapture(window=window, stats_skip=query_stats_skip, heads=heads, head_dim=head_dim, valid=ctx.valid)
     attentions = [layer.self_attn for layer in decoder.layers]
     cache = DynamicCache(config=config)
-    with _hooks((_query_projection(a), capture.hook(i)) for i, a in enumerate(attentions)):
+    with forward_hooks((query_projection(a), capture.hook(i)) for i, a in enumerate(attentions)):
         model(
             input_ids=ctx.input_ids,
             attention_mask=ctx.valid.long(),
@@ -412,12 +403,15 @@ def prefill_context(model: nn.Module, inputs, *, window: int = 64, query_stats_s
             use_cache=True,
             logits_to_keep=1,
         )
-    rope = _rope_fn(model, cache.layers[0].keys)
+    rope = rope_fn(model, cache.layers[0].keys)
     rotated: dict[int, torch.Tensor] = {}
     if window:
         cos, sin = rope(ctx.positions[:, seq - window :])  # (batch, window, head_dim)
         cos, sin = cos[:, None], sin[:, None]
-        rotated = {i: q * cos + _rotate_half(q) * sin for i, q in capture.window_queries.items()}
+        rotated = {i: q * cos + rotate_half(q) * sin for i, q in capture.window_queries.items()}
+    repeated = []
+    if reconstruction is not None:
+        repeated = reconstruction_scores(model, cache, ctx.input_ids, ctx.valid, reconstruction, progress=progress)
     return Prefill(
         cache=cache,
         context=ctx,
@@ -428,38 +422,17 @@ def prefill_context(model: nn.Module, inputs, *, window: int = 64, query_stats_s
         scalings=[a.scaling for a in attentions],
         window=window,
         query_stats_skip=query_stats_skip,
+        reconstruction=reconstruction,
+        reconstruction_scores=repeated,
     )
 
 
 # ---------------------------------------------------------------------------------------------- selection
 
 
-@contextlib.contextmanager
-def _tf32_matmuls() -> Iterator[None]:
-    """float32 matmuls on CUDA tensor cores (TF32) inside the block, restored after.
-
-    Scores only rank tokens: TF32's 10-bit mantissa does not change a ranking that float32 noise
-    would not, and the scorers' float32 products (ExpectedAttention's quadratic forms, window
-    attention) run several times faster. CPU results are unaffected.
-    """
-    matmul = torch.backends.cuda.matmul
-    if not hasattr(matmul, "fp32_precision"):  # older torch
-        previous, matmul.allow_tf32 = matmul.allow_tf32, True
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = previous
-        return
-    previous, matmul.fp32_precision = matmul.fp32_precision, "tf32"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = previous
-
-
 def score_layer(scorer: Scorer, view: LayerView) -> torch.Tensor:
     """``(batch, kv_heads, seq)`` float32 scores of ``view``, ``-inf`` where ``view.valid`` is False."""
-    with _tf32_matmuls():
+    with tf32_matmuls():
         scores = scorer.score(view)
     return scores.float().masked_fill(~view.valid[:, None, :], float("-inf"))
 
@@ -468,7 +441,7 @@ def window_mass(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, 
     """``(batch, heads, seq)``: softmax attention of the ``(batch, heads, w, head_dim)`` last queries over
     ``keys``, averaged over the queries (what ZigZag's LMBA is measured on). ``padded``: see
     :func:`~zigzag.scorers.window_attention`."""
-    with _tf32_matmuls():
+    with tf32_matmuls():
         return window_attention(queries, keys, valid, scaling, padded).mean(dim=2)
 
 

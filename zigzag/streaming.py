@@ -28,21 +28,18 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from zigzag._hf import decoder_of, forward_hooks, query_projection, rope_fn, rotate_half
 from zigzag.api import (
     _as_context,
     _check_model,
     _check_ratio,
     _Context,
-    _decoder,
-    _hooks,
-    _query_projection,
     _query_window_needed,
     _QueryCapture,
-    _rope_fn,
-    _rotate_half,
     build_layer,
     gather_slots,
     keep_best,
+    prefill_context,
     rank_tokens,
     score_layer,
     select_tokens,
@@ -178,7 +175,7 @@ class _LayerwiseCompressor:
         config = model.config
         self.model, self.ctx, self.ratio = model, ctx, ratio
         self.scorer, self.allocator, self.merger = scorer, allocator, merger
-        self.attentions = [layer.self_attn for layer in _decoder(model).layers]
+        self.attentions = [layer.self_attn for layer in decoder_of(model).layers]
         self.num_layers = len(self.attentions)
         self.heads = config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -216,9 +213,9 @@ class _LayerwiseCompressor:
             window=self.window, stats_skip=self.stats_skip, heads=self.heads, head_dim=self.head_dim, valid=ctx.valid[:, start:end]
         )
         self.cos = self.sin = None
-        queries = ((_query_projection(a), self.capture.hook(i)) for i, a in enumerate(self.attentions))
+        queries = ((query_projection(a), self.capture.hook(i)) for i, a in enumerate(self.attentions))
         after = ((a, self._hook(i)) for i, a in enumerate(self.attentions))
-        with _hooks(list(queries) + list(after)):
+        with forward_hooks(list(queries) + list(after)):
             self.model(
                 input_ids=ctx.input_ids[:, start:end],
                 attention_mask=ctx.valid[:, :end].long(),
@@ -253,14 +250,14 @@ class _LayerwiseCompressor:
 
     def _window_queries(self, layer: int, like: torch.Tensor) -> torch.Tensor | None:
         if self.rope is None:
-            self.rope = _rope_fn(self.model, like)
+            self.rope = rope_fn(self.model, like)
         if not self.window:
             return None
         if self.cos is None:
             cos, sin = self.rope(self.ctx.positions[:, self.end - self.window : self.end])
             self.cos, self.sin = cos[:, None], sin[:, None]
         q = self.capture.window_queries.pop(layer)
-        return q * self.cos + _rotate_half(q) * self.sin
+        return q * self.cos + rotate_half(q) * self.sin
 
     def _compress_layer(self, layer: int) -> None:
         slots = self._slots(layer)
@@ -411,6 +408,10 @@ def compress_cache(
             (default): one pass, and the result equals ``prefill_context(...).compress(...)``.
         progress: show a progress bar over layers.
 
+    Scorers that reconstruct the context (:class:`~zigzag.scorers.KVzip`) need the whole context
+    cached before any layer can be scored: for them this runs ``prefill_context(...,
+    reconstruction=scorer.reconstruction).compress(...)``, and peak memory is the full cache.
+
     Returns:
         A :class:`~zigzag.cache.ZigZagCache`. Continue with ``model.generate(input_ids=cat(context,
         question), attention_mask=..., past_key_values=cache)``: positions continue from ``seq``.
@@ -423,6 +424,17 @@ def compress_cache(
     ctx = _as_context(inputs, next(model.parameters()).device)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
+    repeat = getattr(scorer, "reconstruction", None)
+    if repeat is not None:
+        # Reconstruction needs the whole context cached before any layer can be scored.
+        if chunk_size is not None:
+            raise ValueError(f"{scorer.name} (context reconstruction) cannot be combined with chunk_size")
+        skip = scorer.query_stats_skip if scorer.needs_query_stats else None
+        pre = prefill_context(
+            model, inputs, window=_query_window_needed(scorer, allocator), query_stats_skip=skip,
+            reconstruction=repeat, progress=progress,
+        )
+        return pre.compress(ratio, scorer, allocator, merge=merger, progress=progress)
     bounds = _chunk_bounds(ctx.input_ids.shape[1], chunk_size)
     if len(bounds) > 1:
         if merger is not None:

@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 from benchmarks.ruler.tasks import TASKS, Sample, generate_task, score_output
 from zigzag import get_budget, get_scorer, prefill_context
 from zigzag.merge import CosineMerge
+from zigzag.reconstruction import DEFAULT_PROMPT, Reconstruction
+from zigzag.scorers import with_reconstruction
 
 MERGE_MODES = {"off": None, "cosine": CosineMerge(), "cosine+mass": CosineMerge(preserve_mass=True)}
 
@@ -62,10 +64,20 @@ def settings_from(scorers: list[str], budgets: list[str], ratios: list[float], m
     return out
 
 
-def make_scorer(spec: str):
+def make_scorer(spec: str, reconstruction: Reconstruction | None = None):
     """A registry name with optional wrapper suffixes (``zigzag.scorers.WRAPPER_SUFFIXES``), e.g.
-    ``expected_attention+pool5`` (span pooling) or ``expected_attention+pool5+shared+first64``."""
-    return get_scorer(spec)
+    ``expected_attention+pool5`` (span pooling) or ``expected_attention+pool5+shared+first64``.
+    ``reconstruction``: how KVzip scorers (``kvzip+pool7``) repeat the context; None keeps the default."""
+    scorer = get_scorer(spec)
+    return scorer if reconstruction is None else with_reconstruction(scorer, reconstruction)
+
+
+def reconstruction_for(tokenizer, prompt: str, settings: list[Setting]) -> Reconstruction | None:
+    """The reconstruction the settings' KVzip scorers read (``prompt`` in words; "" for none), or None
+    when no setting reconstructs the context (then the prefill skips the second pass)."""
+    if all(getattr(get_scorer(s.scorer), "reconstruction", None) is None for s in settings if s.scorer != "none"):
+        return None
+    return Reconstruction.from_text(tokenizer, prompt) if prompt else Reconstruction()
 
 
 def max_new_tokens(task: str) -> int:
@@ -104,8 +116,11 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 
 @torch.no_grad()
-def run_batch(model, tokenizer, samples: list[Sample], protocol: str, settings: list[Setting], device) -> Iterator[tuple]:
-    """Yield ``(setting, sample, output, budgets)`` for every setting over one batch of samples."""
+def run_batch(
+    model, tokenizer, samples: list[Sample], protocol: str, settings: list[Setting], device, kvzip_prompt: str = DEFAULT_PROMPT
+) -> Iterator[tuple]:
+    """Yield ``(setting, sample, output, budgets)`` for every setting over one batch of samples.
+    ``kvzip_prompt``: the words between the context and its repeat for KVzip scorers ("" for none)."""
     parts = [split_prompt(tokenizer, s, protocol) for s in samples]
     ctx_rows = [tokenizer.encode(c, add_special_tokens=False) for c, _ in parts]
     cont_rows = [tokenizer.encode(q, add_special_tokens=False) for _, q in parts]
@@ -115,14 +130,15 @@ def run_batch(model, tokenizer, samples: list[Sample], protocol: str, settings: 
     ids = torch.cat([ctx_ids, cont_ids], dim=-1).to(device)
     mask = torch.cat([ctx_mask, cont_mask], dim=-1).to(device)
     ctx = {"input_ids": ctx_ids.to(device), "attention_mask": ctx_mask.to(device)}
-    pre = prefill_context(model, ctx)
+    reconstruction = reconstruction_for(tokenizer, kvzip_prompt, settings)
+    pre = prefill_context(model, ctx, reconstruction=reconstruction)
     new_tokens = max(max_new_tokens(s.task) for s in samples)
     for setting in settings:
         if setting.scorer == "none":
             cache, budgets = None, None
         else:
             cache = pre.compress(
-                setting.ratio, make_scorer(setting.scorer), setting.budget, merge=MERGE_MODES[setting.merge]
+                setting.ratio, make_scorer(setting.scorer, reconstruction), setting.budget, merge=MERGE_MODES[setting.merge]
             )
             budgets = cache.budgets.float().mean(0).tolist()
         out = model.generate(
@@ -161,6 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budgets", default="uniform,pyramid,zigzag",
                    help="comma list of budget names (uniform, pyramid, zigzag, adakv, zigzag_heads) with optional "
                         "+<option><value> suffixes, e.g. zigzag+skip2+cap2, zigzag_heads+gamma0.5")
+    p.add_argument("--kvzip-prompt", default=DEFAULT_PROMPT,
+                   help="words between the context and its repeat for kvzip scorers ('' for none); default %(default)r")
     p.add_argument("--merge", default="off", help=f"comma list of merge modes: {', '.join(MERGE_MODES)}")
     p.add_argument("--ratios", default="0.25,0.5,0.75,0.875")
     p.add_argument("--protocols", default="agnostic,aware")
@@ -234,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
             for batch in _batches(todo, args.batch_size):
                 missing = [st for st in settings if any((task, s.index, protocol, st.key) not in done for s in batch)]
                 bar.update((len(settings) - len(missing)) * len(batch))
-                for setting, sample, text, budgets in run_batch(model, tok, batch, protocol, missing, device):
+                for setting, sample, text, budgets in run_batch(model, tok, batch, protocol, missing, device, args.kvzip_prompt):
                     if (task, sample.index, protocol, setting.key) in done:
                         bar.update(1)
                         continue

@@ -18,6 +18,25 @@ def test_suffixed_names_are_accepted_and_built():
     assert make_scorer(args.scorers[1]).name == "expected_attention+maxpool9+shared+first64+last32"
 
 
+def test_kvzip_settings_get_the_runs_reconstruction_prompt():
+    from benchmarks.ruler.run import reconstruction_for
+    from zigzag.reconstruction import Reconstruction
+
+    class Words:
+        def encode(self, text, add_special_tokens=False):
+            return [len(w) for w in text.split()]
+
+    args = parse_args(["--out", "x", "--scorers", "kvzip+pool7,knorm", "--budgets", "uniform", "--ratios", "0.5"])
+    settings = settings_from(args.scorers, args.budgets, args.ratios, args.merge)
+    setup = reconstruction_for(Words(), args.kvzip_prompt, settings)
+    assert setup == Reconstruction(prompt_ids=(6, 3, 8, 7, 8))  # "Repeat the previous context exactly."
+    assert reconstruction_for(Words(), "", settings) == Reconstruction()
+    assert reconstruction_for(Words(), args.kvzip_prompt, settings[2:]) is None  # knorm only
+    scorer = make_scorer("kvzip+pool7", setup)
+    assert scorer.name == "kvzip+pool7" and scorer.reconstruction == setup and scorer.inner.reconstruction == setup
+    assert make_scorer("knorm", setup).name == "knorm"
+
+
 @pytest.mark.parametrize("flag,value", [("--scorers", "knorm+pool4"), ("--scorers", "h2o"), ("--budgets", "zigzag+foo2"), ("--budgets", "zz")])
 def test_bad_names_are_rejected(flag, value, capsys):
     with pytest.raises(SystemExit):

@@ -39,11 +39,12 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Row:
-    """One sequence without padding: pre-RoPE keys/queries, values."""
+    """One sequence without padding: pre-RoPE keys/queries, values, reconstruction scores."""
 
     k_pre: torch.Tensor  # (kv_heads, L, d)
     values: torch.Tensor  # (kv_heads, L, d)
     q_pre: torch.Tensor  # (heads, L, d)
+    reconstruction: torch.Tensor  # (kv_heads, L) in [0, 1], what the pipeline would pass KVzip
 
     @property
     def length(self) -> int:
@@ -56,6 +57,7 @@ def random_row(length: int, heads: int, kv_heads: int, head_dim: int) -> Row:
         k_pre=torch.randn(kv_heads, length, head_dim),
         values=torch.randn(kv_heads, length, head_dim) * torch.rand(kv_heads, length, 1) * 2,
         q_pre=torch.randn(heads, length, head_dim) * 0.7 + q_bias,
+        reconstruction=torch.rand(kv_heads, length),
     )
 
 
@@ -66,12 +68,14 @@ def build(
     stats_skip: int | None = None,
     dtype: torch.dtype = torch.float32,
     layer_idx: int = 0,
+    reconstruction: bool = False,
 ) -> LayerView:
     """Left-pad the rows to ``seq`` (garbage on padding) and build the LayerView the pipeline would.
 
     ``window`` > 0 fills window_queries with the last min(window, seq) post-RoPE queries;
     ``stats_skip`` not None fills query_mean/query_cov (pre-RoPE, population covariance over the
-    valid tokens after the first ``stats_skip``) and rope.
+    valid tokens after the first ``stats_skip``) and rope; ``reconstruction`` fills
+    reconstruction_scores from the rows' (garbage on padding).
     """
     seq = max(r.length for r in rows) if seq is None else seq
     kv_heads, _, head_dim = rows[0].k_pre.shape
@@ -84,6 +88,7 @@ def build(
     positions = torch.zeros(batch, seq, dtype=torch.long)
     mean = torch.zeros(batch, heads, head_dim)
     cov = torch.zeros(batch, heads, head_dim, head_dim)
+    repeated = torch.rand(batch, kv_heads, seq) * 10  # garbage on padding
     for b, r in enumerate(rows):
         pad = seq - r.length
         pos = torch.arange(r.length)
@@ -92,6 +97,7 @@ def build(
         queries[b, :, pad:] = apply_rope(r.q_pre, pos)
         valid[b, pad:] = True
         positions[b, pad:] = pos
+        repeated[b, :, pad:] = r.reconstruction
         if stats_skip is not None:
             q = r.q_pre[:, stats_skip:].to(torch.float64)
             if q.shape[1] > 0:
@@ -112,6 +118,7 @@ def build(
         query_mean=mean.to(dtype) if stats_skip is not None else None,
         query_cov=cov.to(dtype) if stats_skip is not None else None,
         rope=(lambda p: rope_cos_sin(p, head_dim)) if stats_skip is not None else None,
+        reconstruction_scores=repeated if reconstruction else None,
     )
 
 
@@ -122,6 +129,7 @@ def build_for(scorer, rows: list[Row], seq: int | None = None, **kwargs) -> Laye
         seq=seq,
         window=scorer.query_window,
         stats_skip=scorer.query_stats_skip if scorer.needs_query_stats else None,
+        reconstruction=getattr(scorer, "reconstruction", None) is not None,
         **kwargs,
     )
 

@@ -10,6 +10,7 @@ from zigzag.scorers import (
     TOVA,
     ExpectedAttention,
     Knorm,
+    KVzip,
     RandomScorer,
     Scorer,
     SnapKV,
@@ -25,6 +26,7 @@ SCORER_TABLE = [
     {"cls": SnapKV, "kwargs": {}},  # window 64 > every seq below
     {"cls": ExpectedAttention, "kwargs": {"n_future": 16, "n_sink": 2}},
     {"cls": ExpectedAttention, "kwargs": {"n_future": 5, "n_sink": 0, "use_vnorm": False}},
+    {"cls": KVzip, "kwargs": {}},
 ]
 IDS = [f"{row['cls'].__name__}({','.join(f'{k}={v}' for k, v in row['kwargs'].items())})" for row in SCORER_TABLE]
 

@@ -32,7 +32,7 @@ def test_unseeded_differs_between_calls_and_leaves_global_rng_alone(kit):
 def test_long_rows_cross_blocks(kit):
     """Scores past the first block of positions are still tied to positions, not to the length."""
     long_row = kit.random_row(2100, 1, 1, 4)
-    short_row = kit.Row(long_row.k_pre[:, :1500], long_row.values[:, :1500], long_row.q_pre[:, :1500])
+    short_row = kit.Row(*(t[:, :1500] for t in (long_row.k_pre, long_row.values, long_row.q_pre, long_row.reconstruction)))
     scorer = RandomScorer(seed=1)
     long_scores = scorer.score(kit.build([long_row]))
     short_scores = scorer.score(kit.build([short_row]))

@@ -13,6 +13,7 @@ from zigzag.scorers._window import group_mean, window_attention
 from zigzag.scorers.base import LayerView, Scorer
 from zigzag.scorers.expected_attention import ExpectedAttention
 from zigzag.scorers.knorm import Knorm
+from zigzag.scorers.kvzip import KVzip, with_reconstruction
 from zigzag.scorers.pooled import SpanPooled
 from zigzag.scorers.random import RandomScorer
 from zigzag.scorers.snapkv import SnapKV
@@ -27,6 +28,7 @@ SCORERS: dict[str, type] = {
     "tova": TOVA,
     "streaming_llm": StreamingLLM,
     "random": RandomScorer,
+    "kvzip": KVzip,
 }
 """Registry: name -> scorer class (built with its default hyperparameters by :func:`get_scorer`)."""
 
@@ -102,6 +104,7 @@ __all__ = [
     "WRAPPER_SUFFIXES",
     "ExpectedAttention",
     "HeadShared",
+    "KVzip",
     "Knorm",
     "LayerView",
     "Protected",
@@ -113,4 +116,5 @@ __all__ = [
     "get_scorer",
     "group_mean",
     "window_attention",
+    "with_reconstruction",
 ]

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from zigzag.reconstruction import Reconstruction
 
 RopeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """Maps positions ``(batch, n)`` (long) to ``(cos, sin)``, each ``(batch, n, head_dim)``, using the
@@ -39,6 +42,9 @@ class LayerView:
         layer_idx: index of this layer, ``num_layers`` in all.
         padded: False when ``valid`` is known to be all True (no padding, no empty slot), so that
             window attention can skip its padding mask; True when it may hold False.
+        reconstruction_scores: ``(batch, kv_heads, seq)`` float32, the largest attention each token got
+            while the model repeated the context (:mod:`zigzag.reconstruction`), or None when no
+            scorer asked for them.
     """
 
     keys: torch.Tensor
@@ -53,6 +59,7 @@ class LayerView:
     query_cov: torch.Tensor | None = None
     rope: RopeFn | None = None
     padded: bool = True
+    reconstruction_scores: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -76,6 +83,9 @@ class Scorer(Protocol):
         query_window: how many last queries (after RoPE) the scorer needs in ``LayerView.window_queries``; 0 for none.
         needs_query_stats: whether it needs ``query_mean``/``query_cov`` (pre-RoPE) and ``rope``.
         query_stats_skip: leading valid tokens left out of those statistics (attention sinks).
+
+    Optional attribute: ``reconstruction`` (a :class:`zigzag.reconstruction.Reconstruction`), when the
+    scorer reads ``LayerView.reconstruction_scores``; absent or None otherwise.
     """
 
     name: str
@@ -105,3 +115,7 @@ class ScorerWrapper:
     @property
     def query_stats_skip(self) -> int:
         return self.inner.query_stats_skip
+
+    @property
+    def reconstruction(self) -> Reconstruction | None:
+        return getattr(self.inner, "reconstruction", None)

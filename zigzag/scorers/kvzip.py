@@ -1,0 +1,80 @@
+"""KVzip: keep the tokens the model attends to most while it repeats the context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
+
+import torch
+
+from zigzag.reconstruction import Reconstruction
+from zigzag.scorers.base import LayerView, ScorerWrapper
+
+
+@dataclass
+class KVzip:
+    """Score each token by the attention it gets when the model reconstructs the context.
+
+    Paper: https://arxiv.org/abs/2505.23416 ("KVzip: Query-Agnostic KV Cache Compression with Context
+    Reconstruction", Kim et al., 2025).
+
+    The scores come from a second forward pass over the context that the pipeline runs after the
+    prefill (:func:`zigzag.reconstruction.reconstruction_scores`, configured by ``reconstruction``):
+    a token's score is the largest softmax probability any repeated token's query, in any query head
+    of its KV group, gives it. It reads no observation window, so the question may come later.
+
+    Parameters
+    ----------
+    reconstruction:
+        The prompt between the context and its repeat, and the chunk size. The default has no prompt
+        (the registry cannot tokenize); ``KVzip(Reconstruction.from_text(tokenizer))`` asks for the
+        repeat in words, as the paper does.
+    """
+
+    reconstruction: Reconstruction = field(default_factory=Reconstruction)
+
+    name: ClassVar[str] = "kvzip"
+    query_window: ClassVar[int] = 0
+    needs_query_stats: ClassVar[bool] = False
+    query_stats_skip: ClassVar[int] = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reconstruction, Reconstruction):
+            raise TypeError(
+                f"reconstruction must be a zigzag.reconstruction.Reconstruction; got {type(self.reconstruction).__name__}"
+            )
+
+    def score(self, layer: LayerView) -> torch.Tensor:
+        """Return the reconstruction scores the pipeline computed.
+
+        Args:
+            layer: the layer; reads ``reconstruction_scores: (batch, kv_heads, seq)``.
+
+        Returns:
+            ``(batch, kv_heads, seq)`` float32 in ``[0, 1]``; higher means keep.
+
+        Raises:
+            ValueError: the view carries no reconstruction scores (the prefill was run without
+                ``reconstruction=``).
+        """
+        if layer.reconstruction_scores is None:
+            raise ValueError(
+                "KVzip needs reconstruction scores: run prefill_context(model, inputs, "
+                "reconstruction=scorer.reconstruction) (compress_cache does this itself)"
+            )
+        return layer.reconstruction_scores
+
+
+def with_reconstruction(scorer, reconstruction: Reconstruction):
+    """``scorer`` with every :class:`KVzip` inside it (under any wrappers) set to ``reconstruction``.
+
+    Useful where the registry name is known but the prompt needs a tokenizer:
+    ``with_reconstruction(get_scorer("kvzip+pool7"), Reconstruction.from_text(tokenizer))``.
+    Scorers without a KVzip inside come back unchanged.
+    """
+    if isinstance(scorer, KVzip):
+        return replace(scorer, reconstruction=reconstruction)
+    inner = getattr(scorer, "inner", None)
+    if isinstance(scorer, ScorerWrapper) and inner is not None:
+        return replace(scorer, inner=with_reconstruction(inner, reconstruction))
+    return scorer

@@ -57,18 +57,28 @@ def test_rotation_matrix_is_the_test_rope(kit):
 
 
 @pytest.mark.parametrize(
-    "kwargs,lengths,groups",
+    "kwargs,lengths,groups,kv_heads,head_dim,chunk,dtype",
     [
-        ({"n_future": 7, "n_sink": 2}, (12, 8), 3),
-        ({"n_future": 1, "n_sink": 0, "use_vnorm": False}, (10,), 1),
-        ({"n_future": 40, "n_sink": 3, "epsilon": 0.0}, (9, 9, 5), 2),
+        ({"n_future": 7, "n_sink": 2}, (12, 8), 3, 2, 8, None, torch.float32),
+        ({"n_future": 1, "n_sink": 0, "use_vnorm": False}, (10,), 1, 2, 8, None, torch.float32),
+        ({"n_future": 40, "n_sink": 3, "epsilon": 0.0}, (9, 9, 5), 2, 2, 8, None, torch.float32),
+        # several chunks, the last one short, over keys sliced out of a longer float32 tensor
+        ({"n_future": 16, "n_sink": 1}, (23, 17), 4, 3, 16, 5, torch.float32),
+        # half-precision keys and statistics, as a bfloat16 model caches them
+        ({"n_future": 9, "n_sink": 2}, (14, 11), 4, 2, 16, 4, torch.bfloat16),
     ],
 )
-def test_expected_attention_matches_direct_evaluation(kit, kwargs, lengths, groups):
-    kv_heads, head_dim = 2, 8
+def test_expected_attention_matches_direct_evaluation(
+    kit, monkeypatch, kwargs, lengths, groups, kv_heads, head_dim, chunk, dtype
+):
+    """Fresh random inputs on every run, checked against a float64 evaluation of the definition."""
+    import zigzag.scorers.expected_attention as ea
+
+    if chunk is not None:
+        monkeypatch.setattr(ea, "_CHUNK", chunk)
     rows = [kit.random_row(n, kv_heads * groups, kv_heads, head_dim) for n in lengths]
     scorer = ExpectedAttention(**kwargs)
-    layer = kit.build_for(scorer, rows)
+    layer = kit.build_for(scorer, rows, dtype=dtype)
     scores = scorer.score(layer).double()
     ref = ea_reference(layer, scorer.n_future, scorer.epsilon, scorer.use_vnorm)
     for b in range(len(rows)):
@@ -112,3 +122,17 @@ def test_long_sequence_is_chunked(kit, monkeypatch):
     whole = scorer.score(layer)
     monkeypatch.setattr(ea, "_CHUNK", 7)
     torch.testing.assert_close(scorer.score(layer), whole, rtol=1e-6, atol=1e-7)
+
+
+def test_strided_keys_score_like_contiguous_ones(kit, monkeypatch):
+    """Keys that are a view of a (batch, seq, kv_heads, head_dim) buffer give the same scores."""
+    import zigzag.scorers.expected_attention as ea
+
+    monkeypatch.setattr(ea, "_CHUNK", 6)
+    scorer = ExpectedAttention(n_future=8)
+    layer = kit.build_for(scorer, [kit.random_row(n, 6, 3, 8) for n in (20, 13)])
+    strided = layer.keys.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not strided.is_contiguous()
+    torch.testing.assert_close(
+        scorer.score(dataclasses.replace(layer, keys=strided)), scorer.score(layer), rtol=1e-6, atol=1e-7
+    )

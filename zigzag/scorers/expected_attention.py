@@ -34,7 +34,7 @@ class ExpectedAttention:
     ``z`` goes through a softmax over the valid tokens of the row (float32), the probabilities are
     averaged over the query heads of each KV group, and, if ``use_vnorm``, the score is
     ``(p + epsilon) * ||v||``. The first ``n_sink`` tokens (positions ``< n_sink``) are lifted
-    above every other token (always kept). Memory: ``heads * min(seq, 4096) * head_dim`` floats at once.
+    above every other token (always kept). Memory: about ``heads * min(seq, 4096) * head_dim`` floats at once.
 
     Parameters
     ----------
@@ -100,15 +100,27 @@ class ExpectedAttention:
         cov = layer.query_cov.to(device=device, dtype=torch.float32)
         mean = torch.einsum("bij,bhj->bhi", rbar, mu) * layer.scaling  # (batch, heads, d)
         quad = rbar[:, None] @ cov @ rbar[:, None].transpose(-1, -2) * (layer.scaling**2 / 2)  # (batch, heads, d, d)
-        mean = mean.view(batch, kv_heads, groups, head_dim)
-        quad = quad.view(batch, kv_heads, groups, head_dim, head_dim)
+        weights = _group_weights(mean, quad, kv_heads)  # (batch, kv_heads, d, groups * d + groups)
 
+        # Per key k (a row) and query head h of its group: z = (k Q_h) . k + m_h . k, Q_h = quad, m_h = mean.
+        # The matmul gives every k Q_h and m_h . k of the group at once; a batched dot product with k
+        # (one tiny bmm per key) finishes it. The only full-size intermediate, y, is written once and
+        # read once, where k Q_h followed by (k Q_h * k).sum(-1) wrote and read it twice more. The group
+        # average cannot join the small matrices: each query head has its own softmax over the keys.
+        quad_width = groups * head_dim
         logits = torch.empty(batch, kv_heads, groups, seq, device=device, dtype=torch.float32)
         for start in range(0, seq, _CHUNK):
-            k = keys[:, :, start : start + _CHUNK].to(torch.float32)  # (batch, kv_heads, c, d)
-            linear = torch.einsum("bkgd,bkcd->bkgc", mean, k)
-            kq = torch.einsum("bkcd,bkgde->bkgce", k, quad)  # (batch, kv_heads, groups, c, d)
-            logits[..., start : start + _CHUNK] = linear + (kq * k[:, :, None]).sum(-1)
+            # float32 (TF32 under the pipeline): rounding Q_h to bfloat16 for a half-precision matmul
+            # would cost 8x TF32's error. contiguous(): a chunk of float32 keys is a strided slice, and
+            # the views below merge (batch, kv_heads, c) into one batch dimension.
+            k = keys[:, :, start : start + _CHUNK].to(torch.float32).contiguous()  # (batch, kv_heads, c, d)
+            c = k.shape[2]
+            n = batch * kv_heads * c
+            y = torch.matmul(k, weights)  # (batch, kv_heads, c, groups * d + groups)
+            k_quad = y[..., :quad_width].reshape(n, groups, head_dim)  # views: row h is k Q_h
+            k_mean = y[..., quad_width:].reshape(n, 1, groups)  # m_h . k
+            z = torch.baddbmm(k_mean, k.view(n, 1, head_dim), k_quad.transpose(1, 2))  # (n, 1, groups)
+            logits[..., start : start + c] = z.view(batch, kv_heads, c, groups).transpose(-1, -2)
         logits = logits.view(batch, heads, seq).masked_fill(~valid[:, None, :], float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         probs = torch.where(valid[:, None, :], probs, torch.zeros((), device=device))  # all-padded rows
@@ -141,3 +153,26 @@ class ExpectedAttention:
         rotate_half[:half, half:] = -eye
         rotate_half[half:, :half] = eye
         return torch.diag_embed(cos) + sin[:, :, None] * rotate_half  # Rbar = diag(cos) + diag(sin) P
+
+
+def _group_weights(mean: torch.Tensor, quad: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Per KV head, the matrix that maps a key to every ``k Q_h`` and ``m_h . k`` of its query group.
+
+    Query head ``h`` belongs to kv head ``h // groups``; within the group the blocks follow the query heads.
+
+    Args:
+        mean: ``(batch, heads, head_dim)`` float32, the linear coefficients ``m_h``.
+        quad: ``(batch, heads, head_dim, head_dim)`` float32, the quadratic forms ``Q_h``.
+        kv_heads: number of kv heads; ``heads`` is a multiple of it.
+
+    Returns:
+        ``(batch, kv_heads, head_dim, groups * head_dim + groups)`` float32:
+        ``[Q_1 | Q_2 | ... | Q_groups | m_1 ... m_groups]``, so that for a key row ``k``,
+        ``k @ W = [k Q_1, ..., k Q_groups, m_1 . k, ..., m_groups . k]``.
+    """
+    batch, heads, head_dim = mean.shape
+    groups = heads // kv_heads
+    quad = quad.reshape(batch, kv_heads, groups, head_dim, head_dim).transpose(2, 3)  # (b, kv, d, groups, d)
+    quad = quad.reshape(batch, kv_heads, head_dim, groups * head_dim)
+    mean = mean.reshape(batch, kv_heads, groups, head_dim).transpose(2, 3)  # (b, kv, d, groups)
+    return torch.cat([quad, mean], dim=-1)

@@ -1,0 +1,134 @@
+"""ExpectedAttention's scoring time for one layer, against the scorer of an earlier commit, in one run.
+
+    python -m benchmarks.perf.ea_scoring --seq 8192 --baseline HEAD
+    python -m benchmarks.perf.ea_scoring --device cuda --seq 32768 --dtype bfloat16
+
+The baseline is ``zigzag/scorers/expected_attention.py`` as of ``--baseline`` (read with ``git show``),
+loaded as a separate module next to the working tree's. Both score the same random layer (Llama-3.1-8B
+head layout by default: 32 query heads, 8 KV heads, head_dim 128, batch 1) through
+:func:`zigzag.api.score_layer`, so TF32 is on for CUDA as in the pipeline. Calls alternate between the
+two so that drift (clocks, host load) hits both alike; the device is synchronised around each call.
+
+Prints the median seconds per call of each, their ratio (baseline / working tree), the largest score
+difference relative to the largest score, and the share of the top half (ratio 0.5) that both keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from zigzag import ExpectedAttention
+from zigzag.api import score_layer
+from zigzag.scorers import LayerView
+
+SCORER_PATH = "zigzag/scorers/expected_attention.py"
+
+
+def baseline_scorer_class(rev: str, path: Path | None = None) -> type:
+    """``ExpectedAttention`` as of git revision ``rev`` (or from the file ``path``, for machines whose
+    copy of the tree has no git history), imported under a private module name."""
+    root = Path(__file__).resolve().parents[2]
+    if path is not None:
+        source = path.read_text()
+    else:
+        source = subprocess.run(
+            ["git", "show", f"{rev}:{SCORER_PATH}"], cwd=root, check=True, capture_output=True, text=True
+        ).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("_ea_baseline", f.name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module.ExpectedAttention
+
+
+def rope(positions: torch.Tensor, head_dim: int, theta: float = 500000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard RoPE (HF layout): positions ``(batch, n)`` to cos, sin ``(batch, n, head_dim)`` float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    freqs = positions.to(torch.float64)[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def random_layer(
+    seq: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+) -> LayerView:
+    """One row, no padding; queries with a non-zero mean and keys with a few large dimensions, as in Llama."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    keys = torch.randn(1, kv_heads, seq, head_dim, generator=gen)
+    keys[..., : head_dim // 16] *= 8  # outlier dimensions
+    values = torch.randn(1, kv_heads, seq, head_dim, generator=gen)
+    q = torch.randn(1, heads, 4096, head_dim, generator=gen) * 0.7 + torch.randn(1, heads, 1, head_dim, generator=gen)
+    mean = q.mean(dim=2)
+    centred = q - mean[:, :, None]
+    cov = centred.transpose(-1, -2) @ centred / q.shape[2]
+    return LayerView(
+        keys=keys.to(device=device, dtype=dtype),
+        values=values.to(device=device, dtype=dtype),
+        valid=torch.ones(1, seq, dtype=torch.bool, device=device),
+        positions=torch.arange(seq, device=device)[None],
+        scaling=head_dim**-0.5,
+        layer_idx=0,
+        num_layers=1,
+        query_mean=mean.to(device),
+        query_cov=cov.to(device),
+        rope=lambda p: rope(p, head_dim),
+        padded=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq", type=int, default=8192)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--baseline", default="HEAD", help="git revision of the scorer to compare against")
+    parser.add_argument("--baseline-file", type=Path, default=None, help="the baseline scorer's source file instead of git")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    layer = random_layer(args.seq, args.heads, args.kv_heads, args.head_dim, getattr(torch, args.dtype), device)
+    scorers = {"baseline": baseline_scorer_class(args.baseline, args.baseline_file)(), "working tree": ExpectedAttention()}
+    scores = {name: score_layer(scorer, layer) for name, scorer in scorers.items()}  # also the warm-up
+    times: dict[str, list[float]] = {name: [] for name in scorers}
+    for _ in range(args.repeats):
+        for name, scorer in scorers.items():
+            sync()
+            start = time.perf_counter()
+            score_layer(scorer, layer)
+            sync()
+            times[name].append(time.perf_counter() - start)
+
+    old, new = scores["baseline"], scores["working tree"]
+    keep = args.seq // 2
+    kept_old = torch.zeros_like(old, dtype=torch.bool).scatter_(-1, old.topk(keep, dim=-1).indices, True)
+    kept_new = torch.zeros_like(new, dtype=torch.bool).scatter_(-1, new.topk(keep, dim=-1).indices, True)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    print(
+        f"ExpectedAttention, one layer: batch 1, heads {args.heads}, kv_heads {args.kv_heads}, seq {args.seq}, "
+        f"head_dim {args.head_dim}, {args.dtype} on {device} ({torch.get_num_threads()} CPU threads)"
+    )
+    for name, median in medians.items():
+        print(f"  {name:>12}: {median * 1e3:8.1f} ms (median of {args.repeats})")
+    print(f"  ratio baseline ({args.baseline}) / working tree: {medians['baseline'] / medians['working tree']:.2f}x")
+    print(f"  max |score difference| / max score: {((old - new).abs().max() / old.abs().max()).item():.2e}")
+    print(f"  top half kept by both: {(kept_old & kept_new).sum().item() / kept_old.sum().item():.6f}")
+
+
+if __name__ == "__main__":
+    main()

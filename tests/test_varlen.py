@@ -18,7 +18,7 @@ from zigzag import prefill_context, varlen
 from zigzag.api import build_layer, gather_slots
 from zigzag.cache import CompressedLayer, ZigZagCache, random_cache
 from zigzag.merge import CosineMerge
-from zigzag.varlen import VarlenLayer, segment_attention
+from zigzag.varlen import VarlenKeys, VarlenLayer, segment_attention
 
 BACKENDS = ["segment", "flex_eager"]
 # The Triton kernels as well, in Triton's interpreter without CUDA (see tests/conftest.py).
@@ -333,3 +333,60 @@ def test_segment_attention_both_strategies_equal_a_per_segment_softmax(d):
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     finite = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse.double()[finite], ref_lse[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif("triton" not in MODEL_BACKENDS, reason="needs triton")
+def test_triton_step_state_follows_the_layer_and_the_mask(monkeypatch):
+    """What a decoding step keeps from one call to the next (the kernel's view of the prefix, the
+    backend, the model's mask cut to the appended tokens) follows beam reordering, batch selection,
+    repetition and crop, a new mask of the same shape, a mask written in place and a backend change:
+    SDPA through the Triton kernel equals the segment path called with the mask cut by hand. A mask
+    above the size limit is not kept after the call."""
+    from zigzag import varlen_kernel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(4)
+    kept = [[[-1, 1, 4, 6], [0, 2, 3, 5]], [[-1, -1, 5, 7], [-1, 1, 2, 3]], [[0, 1, 2, 3], [-1, -1, -1, 6]]]
+    keys, values = torch.randn(2, 3, 2, 4, 16, generator=gen).to(device)
+    layer = VarlenLayer.from_padded(keys, values, torch.tensor(kept, device=device), original_length=8)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device)
+
+    def check(mask):
+        query = rand(layer.batch, 1, 4, 16).transpose(1, 2)  # 4 query heads on 2 KV heads
+        k, v = VarlenKeys.wrap(layer.keys, layer), layer.values
+        with backend("triton"):
+            assert layer._resolved_backend() == "triton"
+            ours = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, enable_gqa=True)
+        with backend("segment"):
+            assert layer._resolved_backend() == "segment"
+            ref = layer.attend(query, layer.keys, layer.values, None if mask is None else mask[..., 1:], 0.25, False)
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+    def step():
+        layer.update(rand(layer.batch, 2, 1, 16), rand(layer.batch, 2, 1, 16))
+        mask = torch.rand(layer.batch, 1, 1, 1 + layer.appended, generator=gen).to(device) > 0.4
+        mask[..., -1] = True  # each row sees its own new token
+        check(mask)
+        return mask
+
+    layer.update(rand(3, 2, 2, 16), rand(3, 2, 2, 16))
+    check(None)
+    mask = step()
+    check(torch.cat([~mask[..., :-1], mask[..., -1:]], dim=-1))  # another mask of the same shape
+    mask[..., :-1] = ~mask[..., :-1]  # the same mask, written in place
+    check(mask)
+    layer.reorder_cache(torch.tensor([2, 0, 1]))
+    step()
+    with pytest.raises(RuntimeError, match="columns"):
+        check(mask)  # the mask of the previous step: one column short
+    layer.batch_select_indices(torch.tensor([0, 2]))
+    step()
+    layer.batch_repeat_interleave(2)
+    step()
+    layer.crop(-2)
+    step()
+    assert varlen._last_tail_mask[0] is not None and varlen_kernel._last_mask[0] is not None
+    monkeypatch.setattr(varlen, "_MASK_KEPT", 0)
+    monkeypatch.setattr(varlen_kernel, "MASK_KEPT", 0)
+    step()
+    assert varlen._last_tail_mask[0] is None and varlen_kernel._last_mask[0] is None

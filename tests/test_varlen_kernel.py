@@ -222,3 +222,69 @@ def test_launch_argument_order_is_the_kernels():
     assert len(pointers) == 12  # the tensors varlen_attention passes, in this order, first
     expected = pointers + ints[: vk._SCALE_AT] + ["scale"] + ints[vk._SCALE_AT :] + list(vk._FLAG_NAMES)
     assert params == expected
+
+
+def test_direct_launch_passes_what_triton_was_given(monkeypatch):
+    """The first launch of a specialisation goes through Triton and is kept; the next one calls the
+    kept kernel's launcher with the same arguments, pointers as integers, on the current stream. A
+    misaligned pointer or a launch hook sends it through Triton again. Stand-ins for CUDA and for the
+    compiled kernel, so that this runs on the CPU too."""
+    from zigzag import varlen_kernel as vk
+
+    class CudaLike(torch.Tensor):  # a tensor that says it is on CUDA, and nothing else
+        __torch_function__ = torch._C._disabled_torch_function_impl
+        is_cuda = True
+
+    class Compiled:
+        function, packed_metadata = "function", "metadata"
+
+        def run(self, *args):
+            direct.append(args)
+
+    direct, through = [], []
+    captured = []
+    real_launch_on = vk._launch_on
+    monkeypatch.setattr(vk, "_launch_on", lambda where, *args: captured.append(args))
+    gen = torch.Generator().manual_seed(0)
+    keys, values, offsets, _ = _layout(torch.tensor([[30, 2]]), 16, torch.float32, gen)
+    query = torch.randn(1, 4, 1, 16, generator=gen).to(DEVICE)
+    tail = torch.randn(1, 2, 8, 16, generator=gen).to(DEVICE)[:, :, :3]
+    kwargs = {"kv_heads": 2, "width": 30, "scale": 0.25, "tail_keys": tail, "tail_values": tail}
+    varlen_attention(query, keys, values, offsets, None, **kwargs)
+    grid, tensors, integers, scale, flags = captured[0]
+
+    monkeypatch.setattr(vk, "_launch_on", real_launch_on)
+    monkeypatch.setattr(vk, "_compiled", {})
+    monkeypatch.setattr(vk, "launch_through_triton", lambda *args: through.append(args) or Compiled())
+    monkeypatch.setattr(vk, "_current_device", lambda: 3)
+    monkeypatch.setattr(vk, "_current_stream", lambda index: 1000 + index)
+    hooks = [False]
+    monkeypatch.setattr(vk, "_launch_hooks_set", lambda: hooks[0])
+    tensors = (tensors[0].as_subclass(CudaLike), *tensors[1:])
+    vk.launch(grid, tensors, integers, scale, flags)
+    assert len(through) == 1 and not direct
+    vk.launch(grid, tensors, integers, scale, flags)
+    assert len(through) == 1 and len(direct) == 1
+    pointers = tuple(t.data_ptr() for t in tensors)
+    arguments = vk._runtime_args(pointers, integers, scale)
+    assert direct[0] == (*grid, 1003, "function", "metadata", None, None, None, *arguments, *flags)
+
+    odd = torch.zeros(tensors[0].numel() + 1, device=DEVICE)[1:].view(tensors[0].shape).as_subclass(CudaLike)
+    vk.launch(grid, (odd, *tensors[1:]), integers, scale, flags)  # 4 bytes off: not 16-byte aligned
+    hooks[0] = True
+    vk.launch(grid, tensors, integers, scale, flags)
+    assert len(through) == 3 and len(direct) == 1
+
+
+def test_split_scratch_is_shared_per_stream_when_small(monkeypatch):
+    from zigzag import varlen_kernel as vk
+
+    monkeypatch.setattr(vk, "_scratch", {})
+    device = torch.device(DEVICE)
+    first = vk._split_scratch(device, 0, 100)
+    assert vk._split_scratch(device, 0, 50).data_ptr() == first.data_ptr()
+    assert vk._split_scratch(device, 1, 50).data_ptr() != first.data_ptr()  # another stream
+    grown = vk._split_scratch(device, 0, 10**5)
+    assert grown.numel() >= 10**5 and vk._split_scratch(device, 0, 100).data_ptr() == grown.data_ptr()
+    big = vk._split_scratch(device, 0, vk.SCRATCH_KEPT + 1)
+    assert big.numel() == vk.SCRATCH_KEPT + 1 and all(s.numel() <= vk.SCRATCH_KEPT for s in vk._scratch.values())

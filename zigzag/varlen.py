@@ -414,6 +414,9 @@ class VarlenLayer(DynamicLayer):
         self._tail_values = keys.new_empty(self.batch, self.kv_heads, 0, head_dim)
         self._appended = 0
         self._expose_tail()
+        # get_backend() as of the backend setting it was resolved for (see _resolved_backend).
+        self._backend_setting: str | None = None
+        self._backend_resolved = ""
 
     def _set_index(self, head_lengths: torch.Tensor) -> None:
         if int(head_lengths.sum()) != self.prefix_keys.shape[0]:
@@ -422,7 +425,7 @@ class VarlenLayer(DynamicLayer):
         self.offsets = torch.cat([head_lengths.new_zeros(1), head_lengths.flatten().cumsum(0)])
         self.width = int(head_lengths.max()) if head_lengths.numel() else 0  # one sync, at build time
         self._pieces = None
-        self._split_plan: tuple[int, int] | None = None  # the Triton kernel's (chunk, splits), on first use
+        self._kernel_prefix = None  # the Triton kernel's view of the prefix (varlen_kernel.Prefix), on first use
         if self.device.type == "cuda" and get_backend(self.device) == "flex":
             self._build_pieces()  # now, so that the first decoding step does not sync
 
@@ -478,20 +481,36 @@ class VarlenLayer(DynamicLayer):
         segment, start, end, num_blocks, indices, table = self._pieces
         return (self.prefix_keys, self.prefix_values, segment, start, end, num_blocks, indices, table)
 
-    def _triton(self, query: torch.Tensor, scale: float, out_dtype: torch.dtype, **tail) -> tuple[torch.Tensor, torch.Tensor | None]:
-        kernels = _triton_kernels()
-        if self._split_plan is None:
-            self._split_plan = kernels.split_chunk(self.prefix_keys.shape[0], self.width, self.device)
-        return kernels.varlen_attention(
-            query, self.prefix_keys, self.prefix_values, self.offsets, self.prefix_bias,
-            kv_heads=self.kv_heads, width=self.width, scale=scale, out_dtype=out_dtype, split_plan=self._split_plan, **tail,
-        )  # fmt: skip
+    def _resolved_backend(self) -> str:
+        """:func:`get_backend` for this layer's device, resolved again only when the setting changes."""
+        setting = _backend
+        if self._backend_setting is not setting:
+            self._backend_resolved = get_backend(self.device)
+            self._backend_setting = setting
+        return self._backend_resolved
+
+    def _triton_prefix(self):
+        """The prefix as the Triton kernel takes it (:class:`zigzag.varlen_kernel.Prefix`), built on first
+        use and kept until the index or the prefix tensors change."""
+        kept = self._kernel_prefix
+        if (
+            kept is None
+            or kept.keys is not self.prefix_keys
+            or kept.values is not self.prefix_values
+            or kept.offsets is not self.offsets
+            or kept.bias is not self.prefix_bias
+        ):
+            kept = self._kernel_prefix = _triton_kernels().build_prefix(
+                self.prefix_keys, self.prefix_values, self.offsets, self.prefix_bias,
+                kv_heads=self.kv_heads, width=self.width,
+            )  # fmt: skip
+        return kept
 
     def attend_prefix(self, query: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``query (batch, Hq, rows, d)`` over the compressed prefix: ``out`` and ``lse``, float32."""
-        backend = get_backend(query.device)
+        backend = self._resolved_backend()
         if backend == "triton":
-            return self._triton(query, scale, torch.float32)
+            return _triton_kernels().attend(self._triton_prefix(), query, scale, torch.float32)
         args = self._prefix_args(backend) + (self.prefix_bias,)
         return _attend(query, args, None, None, None, scale, False, self.kv_heads, backend=backend)
 
@@ -499,12 +518,11 @@ class VarlenLayer(DynamicLayer):
         self, query: torch.Tensor, tail_keys: torch.Tensor, tail_values: torch.Tensor, tail_mask, scale: float, causal: bool
     ) -> torch.Tensor:
         """Exact attention of ``query (batch, Hq, rows, d)`` over prefix and tail, in the query's dtype."""
-        backend = get_backend(query.device)
+        backend = self._resolved_backend()
         if backend == "triton":
-            return self._triton(
-                query, scale, query.dtype, tail_keys=tail_keys, tail_values=tail_values, tail_mask=tail_mask,
-                causal=causal, return_lse=False,
-            )[0]  # fmt: skip
+            return _triton_kernels().attend(
+                self._triton_prefix(), query, scale, query.dtype, tail_keys, tail_values, tail_mask, causal, False
+            )[0]
         args = self._prefix_args(backend) + (self.prefix_bias,)
         out, _ = _attend(query, args, tail_keys, tail_values, tail_mask, scale, causal, self.kv_heads, backend=backend)
         return out.to(query.dtype)
@@ -544,20 +562,23 @@ class VarlenLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``(batch, kv_heads, new, head_dim)``; return the tail keys (as VarlenKeys) and values."""
-        n, new = self._appended, key_states.shape[-2]
-        capacity = self._tail_keys.shape[-2]
-        if n + new > capacity:  # grow by doubling: amortised O(1) copies per decoded token
-            capacity = max(2 * capacity, n + new, 64)
+        n = self._appended
+        end = n + key_states.shape[-2]
+        tail_k, tail_v = self._tail_keys, self._tail_values
+        if end > tail_k.shape[-2]:  # grow by doubling: amortised O(1) copies per decoded token
+            capacity = max(2 * tail_k.shape[-2], end, 64)
             grown_k = key_states.new_empty(self.batch, self.kv_heads, capacity, self.head_dim)
             grown_v = value_states.new_empty(self.batch, self.kv_heads, capacity, self.head_dim)
-            grown_k[:, :, :n] = self._tail_keys[:, :, :n]
-            grown_v[:, :, :n] = self._tail_values[:, :, :n]
-            self._tail_keys, self._tail_values = grown_k, grown_v
-        self._tail_keys.narrow(2, n, new).copy_(key_states)
-        self._tail_values.narrow(2, n, new).copy_(value_states)
-        self._appended = n + new
-        self._expose_tail()
-        return VarlenKeys.wrap(self.keys, self), self.values
+            grown_k[:, :, :n] = tail_k[:, :, :n]
+            grown_v[:, :, :n] = tail_v[:, :, :n]
+            self._tail_keys, self._tail_values = tail_k, tail_v = grown_k, grown_v
+        # The used part, then the new tokens written through it (one view less than narrowing twice).
+        self.keys = keys = tail_k.narrow(2, 0, end)
+        self.values = values = tail_v.narrow(2, 0, end)
+        keys[:, :, n:] = key_states
+        values[:, :, n:] = value_states
+        self._appended = end
+        return VarlenKeys.wrap(keys, self), values
 
     def get_seq_length(self) -> int:
         """The logical length: original tokens plus appended ones (what RoPE positions continue from)."""
@@ -708,40 +729,70 @@ def _tail_of(mask: torch.Tensor | None, n_tail: int) -> torch.Tensor | None:
     return mask[..., MASK_LOOKBACK:]
 
 
+_last_tail_mask: tuple = (None, None)
+_MASK_KEPT = 1 << 22
+"""Largest mask (elements) that :func:`_sdpa_tail_mask` keeps a reference to until the next call."""
+
+
+def _sdpa_tail_mask(mask: torch.Tensor, n_tail: int) -> torch.Tensor:
+    """:func:`_tail_of` for SDPA, which every layer calls with the same mask object in a forward pass:
+    the last view made is kept and given again for that object (the kept reference stops its id from
+    being reused; the view shares its memory, so it stays right if the mask is written in place).
+    Decoding masks are small; a larger one is not kept, so that its memory is freed with the pass."""
+    global _last_tail_mask
+    last = _last_tail_mask
+    if last[0] is mask and last[1].shape[-1] == n_tail:
+        return last[1]
+    tail = _tail_of(_plain(mask), n_tail)
+    _last_tail_mask = (mask, tail) if mask.numel() <= _MASK_KEPT else (None, None)
+    return tail
+
+
 def _varlen_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, **kwargs):
-    layer: VarlenLayer = key._varlen
     if dropout_p:
         raise NotImplementedError("attention dropout is not supported on a compressed cache (use model.eval())")
-    query, key, value = _plain(query), _plain(key), _plain(value)
+    if type(query) is not torch.Tensor:
+        query = _plain(query)
+    if type(value) is not torch.Tensor:
+        value = _plain(value)
+    keys = key._tensor
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    mask = _tail_of(_plain(attn_mask), key.shape[-2])
-    return layer.attend(query, key, value, mask, scale, bool(is_causal))
+    mask = None if attn_mask is None else _sdpa_tail_mask(attn_mask, keys.shape[-2])
+    return key._varlen.attend(query, keys, value, mask, scale, bool(is_causal))
+
+
+_SDPA = torch._C._nn.scaled_dot_product_attention  # what F.scaled_dot_product_attention is, even if wrapped later
+_without_subclasses = torch._C._disabled_torch_function_impl  # func(*args, **kwargs) as plain tensors
+_NO_KWARGS: dict = {}
 
 
 class VarlenKeys(torch.Tensor):
     """The appended keys of a :class:`VarlenLayer`, ``(batch, kv_heads, appended, head_dim)``, which
-    know their layer (``_varlen``) so that attention can add the compressed prefix."""
+    know their layer (``_varlen``) so that attention can add the compressed prefix, and the same keys
+    as a plain tensor (``_tensor``), for the kernels."""
 
     _varlen: VarlenLayer
+    _tensor: torch.Tensor
 
     @staticmethod
     def wrap(keys: torch.Tensor, layer: VarlenLayer) -> VarlenKeys:
         out = keys.as_subclass(VarlenKeys)
         out._varlen = layer
+        # An op that returns its input (contiguous() of contiguous keys) hands back the subclass itself.
+        out._tensor = keys if type(keys) is torch.Tensor else keys.as_subclass(torch.Tensor)
         return out
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            return _varlen_sdpa(*args, **kwargs)
-        source = _varlen_arg(args)
-        with torch._C.DisableTorchFunctionSubclass():
-            out = func(*args, **kwargs)
-        if func in _KEY_VIEW_OPS and isinstance(out, torch.Tensor):
-            return VarlenKeys.wrap(out, source._varlen)
-        if func in _MATMUL_OPS and isinstance(args[1], VarlenKeys):
-            return _VarlenScores.wrap(out, source._varlen, _plain(args[0]), 1.0, None)
+        # Called for every op and attribute read on the keys (shape, stride, ...): the common cases first.
+        if func is _SDPA:
+            return _varlen_sdpa(*args, **(kwargs or _NO_KWARGS))
+        out = _without_subclasses(func, types, args, kwargs or _NO_KWARGS)
+        if func in _KEY_VIEW_OPS:
+            if isinstance(out, torch.Tensor):
+                return VarlenKeys.wrap(out, _varlen_arg(args)._varlen)
+        elif func in _MATMUL_OPS and isinstance(args[1], VarlenKeys):
+            return _VarlenScores.wrap(out, args[1]._varlen, _plain(args[0]), 1.0, None)
         return out
 
 

@@ -4,7 +4,9 @@ Imported lazily by :mod:`zigzag.varlen` for its ``"triton"`` backend (CUDA tenso
 present). It computes what :func:`zigzag.varlen.segment_attention` and the dense-tail combination
 compute, with no Python work that grows with the number of segments or slots, no host sync, and the
 query, tail and mask read in place (strided), so a decoding step costs one kernel launch per layer.
-Decoding an 8B model at small batch is bound by the host, so the host side is kept short too.
+Decoding an 8B model at small batch is bound by the host, so the host side is kept short too: a varlen
+layer keeps what its launches share (:class:`Prefix`), and a decoding step (:func:`attend`) only reads
+the query and tail, allocates the output and launches (:func:`launch`).
 
 **Layout.** Segment ``z = row * kv_heads + head`` holds slots ``offsets[z]:offsets[z + 1]`` of the flat
 ``(total, head_dim)`` keys and values. Its query rows are the ``g = Hq / kv_heads`` query heads of its
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import operator
+from typing import NamedTuple
 
 import torch
 import triton
@@ -262,22 +265,34 @@ def split_chunk(total: int, width: int, device: torch.device, block: int = BLOCK
 _counters: dict[tuple, torch.Tensor] = {}
 
 
-def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
-    """``(>= count,)`` int32 zeros shared by the launches on ``device``'s current stream; each launch
-    leaves them zero. Launches on one stream run one after another, so they can share the counters;
-    another stream, which may run at the same time, gets its own."""
-    key = (device, _current_stream(device.index) if device.type == "cuda" else 0)
-    counters = _counters.get(key)
+def _arrival_counters(device: torch.device, stream: int, count: int) -> torch.Tensor:
+    """``(>= count,)`` int32 zeros shared by the launches on ``stream`` (the raw CUDA stream the kernel
+    runs on, 0 off CUDA); each launch leaves them zero. Launches on one stream run one after another,
+    so they can share the counters; another stream, which may run at the same time, gets its own."""
+    counters = _counters.get((device, stream))
     if counters is None or counters.numel() < count:
         counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-        _counters[key] = counters
+        _counters[(device, stream)] = counters
     return counters
 
 
-def _tail_strides(tail: torch.Tensor, kv_heads: int) -> tuple[int, int, int]:
-    """Batch, KV-head and slot strides of a tail ``(batch, heads, n, d)``. When the model repeated its
-    KV heads for GQA (``heads = Hq``), head ``h * Hq / kv_heads`` is a copy of KV head ``h``: read that one."""
-    return tail.stride(0), tail.stride(1) * (tail.shape[1] // kv_heads), tail.stride(2)
+SCRATCH_KEPT = 1 << 20
+"""Largest split scratch (float32 elements, 4 MiB) kept between launches; a larger one is allocated
+for its launch only."""
+
+_scratch: dict[tuple, torch.Tensor] = {}
+
+
+def _split_scratch(device: torch.device, stream: int, count: int) -> torch.Tensor:
+    """``(>= count,)`` float32 for the partial results of the splits, shared like the arrival counters
+    by the launches on one stream (each launch writes it before reading it) when it is not too big."""
+    if count > SCRATCH_KEPT:
+        return torch.empty(count, device=device, dtype=torch.float32)
+    scratch = _scratch.get((device, stream))
+    if scratch is None or scratch.numel() < count:
+        scratch = torch.empty(max(count, 1 << 12), device=device, dtype=torch.float32)
+        _scratch[(device, stream)] = scratch
+    return scratch
 
 
 def _mask_strides(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
@@ -285,6 +300,27 @@ def _mask_strides(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple
     if mask.dim() != 4 or any(have not in (1, want) for have, want in zip(mask.shape, shape)):
         raise ValueError(f"the tail mask {tuple(mask.shape)} does not broadcast to {shape}")
     return tuple(0 if have == 1 else stride for have, stride in zip(mask.shape, mask.stride()))
+
+
+_last_mask: tuple = (None,)
+MASK_KEPT = 1 << 22
+"""Largest mask (elements) that :func:`_kernel_mask` keeps a reference to until the next launch."""
+
+
+def _kernel_mask(mask: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``mask`` as the kernel reads it (a bool mask as uint8) and its broadcast strides for ``shape``.
+
+    Every layer of a forward pass gets the same mask object: the last answer is kept, for that object
+    and shape (the kept reference stops the object's id from being reused), unless the mask is large
+    (not a decoding step's), so that its memory is freed with the pass."""
+    global _last_mask
+    last = _last_mask
+    if last[0] is mask and last[1] == shape:
+        return last[2], last[3]
+    strides = _mask_strides(mask, shape)
+    read = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    _last_mask = (mask, shape, read, strides) if mask.numel() <= MASK_KEPT else (None,)
+    return read, strides
 
 
 # ---------------------------------------------------------------------------------------------- launch
@@ -303,11 +339,20 @@ _compiled: dict[tuple, object] = {}
 direct_launch = True
 """Relaunch compiled kernels without ``JITFunction.run`` (see :func:`launch`); False: always through it."""
 
+# Looked up once: absent from CPU builds of torch (and from Triton before its knobs).
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_get_device = getattr(torch._C, "_cuda_getDevice", None)
+_runtime_knobs = getattr(getattr(triton, "knobs", None), "runtime", None)
+
 
 def _current_stream(index: int) -> int:
     """The raw current CUDA stream of device ``index``, as Triton reads it."""
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # absent from CPU builds of torch
-    return raw(index) if raw is not None else torch.cuda.current_stream(index).cuda_stream
+    return _raw_stream(index) if _raw_stream is not None else torch.cuda.current_stream(index).cuda_stream
+
+
+def _current_device() -> int:
+    """The current CUDA device, where Triton launches (CUDA is initialised: the tensors are on it)."""
+    return _get_device() if _get_device is not None else torch.cuda.current_device()
 
 
 _DTYPE = operator.attrgetter("dtype")
@@ -317,20 +362,23 @@ _SPECIALISED_VALUES = operator.itemgetter(*_SPECIALISED)
 
 def _launch_hooks_set() -> bool:
     """Whether a profiler has set Triton's launch hooks (``triton.knobs.runtime``)."""
-    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    runtime = _runtime_knobs
     if runtime is None:
         return False
     # A hook is a HookChain (its list of calls, empty when unused) in recent Triton, else a callable or None.
-    hooks = (runtime.launch_enter_hook, runtime.launch_exit_hook)
-    return any(hook is not None and bool(getattr(hook, "calls", True)) for hook in hooks)
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    if enter is not None and bool(getattr(enter, "calls", True)):
+        return True
+    return leave is not None and bool(getattr(leave, "calls", True))
 
 
-def _launch_key(tensors: tuple, integers: tuple, flags: tuple) -> tuple | None:
+def _launch_key(pointers: tuple, tensors: tuple, integers: tuple, flags: tuple) -> tuple | None:
     """A key at least as fine as what decides which compiled kernel Triton picks: the constexprs, the
     dtypes, and the values of the integers Triton specialises on (it looks at their divisibility by
     16 only); every pointer must be 16-byte aligned. None (launch through Triton) when a pointer is not
-    aligned or an integer does not fit in int32 (Triton would pick another specialisation)."""
-    if max(integers) >= _INT32 or min(integers) < 0 or functools.reduce(operator.or_, map(_DATA_PTR, tensors)) % 16:
+    aligned or an integer does not fit in int32 (Triton would pick another specialisation).
+    ``pointers``: the tensors' ``data_ptr()``."""
+    if max(integers) >= _INT32 or min(integers) < 0 or functools.reduce(operator.or_, pointers) % 16:
         return None
     return flags, tuple(map(_DTYPE, tensors)), _SPECIALISED_VALUES(integers)
 
@@ -347,6 +395,35 @@ def launch_through_triton(grid: tuple[int, int, int], tensors: tuple, integers: 
     return _varlen_kernel[grid](*_runtime_args(tensors, integers, scale), **dict(zip(_FLAG_NAMES, flags)))
 
 
+def _launch_on(where: tuple[int, int] | None, grid: tuple, tensors: tuple, integers: tuple, scale: float, flags: tuple):
+    """:func:`launch` with ``where = (current device, its raw current stream)`` already read, or None:
+    through Triton (off CUDA, direct launches off, or launch hooks set)."""
+    key = None
+    if where is not None:
+        pointers = tuple(map(_DATA_PTR, tensors))
+        key = _launch_key(pointers, tensors, integers, flags)
+        kernel = _compiled.get((where[0], key)) if key is not None else None
+        if kernel is not None:
+            # Pointers as integers: Triton's launcher takes them as they are (a tensor costs it a
+            # data_ptr() call and a driver query each).
+            kernel.run(
+                *grid, where[1], kernel.function, kernel.packed_metadata, None, None, None,
+                *_runtime_args(pointers, integers, scale), *flags,
+            )  # fmt: skip
+            return
+    kernel = launch_through_triton(grid, tensors, integers, scale, flags)
+    if key is not None and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+        _compiled[(where[0], key)] = kernel  # not in Triton's interpreter, which returns no compiled kernel
+
+
+def _direct_target(on_cuda: bool) -> tuple[int, int] | None:
+    """``(current device, its raw current stream)`` when a launch may skip ``JITFunction.run``, else None."""
+    if not (on_cuda and direct_launch) or _launch_hooks_set():
+        return None
+    device = _current_device()
+    return device, _current_stream(device)
+
+
 def launch(grid: tuple[int, int, int], tensors: tuple, integers: tuple, scale: float, flags: tuple) -> None:
     """Launch :func:`_varlen_kernel`.
 
@@ -357,19 +434,47 @@ def launch(grid: tuple[int, int, int], tensors: tuple, integers: tuple, scale: f
     arguments Triton would pass (all of them, in signature order). While a profiler has set Triton's
     launch hooks, every launch goes through Triton, which calls them."""
     # Triton keeps compiled kernels per current device (a kernel handle belongs to one device): so do we.
-    on_cuda = direct_launch and tensors[0].device.type == "cuda" and not _launch_hooks_set()
-    device = torch.cuda.current_device() if on_cuda else None
-    key = _launch_key(tensors, integers, flags) if on_cuda else None
-    kernel = _compiled.get((device, key)) if key is not None else None
-    if kernel is None:
-        kernel = launch_through_triton(grid, tensors, integers, scale, flags)
-        if key is not None and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
-            _compiled[(device, key)] = kernel  # not in Triton's interpreter, which returns no compiled kernel
-        return
-    kernel.run(
-        *grid, _current_stream(device), kernel.function, kernel.packed_metadata, None, None, None,
-        *_runtime_args(tensors, integers, scale), *flags,
-    )  # fmt: skip
+    _launch_on(_direct_target(tensors[0].is_cuda), grid, tensors, integers, scale, flags)
+
+
+class Prefix(NamedTuple):
+    """The flat prefix of one layout with what every launch over it shares, checked and computed once
+    (:func:`build_prefix`): a varlen layer keeps one while its index does not change."""
+
+    keys: torch.Tensor  # (total, head_dim), unit last stride
+    values: torch.Tensor  # (total, head_dim), unit last stride
+    offsets: torch.Tensor  # (Z + 1,) integer
+    bias: torch.Tensor | None  # (total,) float32, or None
+    kv_heads: int
+    head_dim: int
+    chunk: int  # slots per split (split_chunk)
+    prefix_splits: int  # splits of the widest segment
+    strides: tuple[int, int]  # row strides of keys and values
+    block_d: int  # head_dim rounded up to a power of two, at least 16
+    device: torch.device
+    on_cuda: bool
+
+
+def build_prefix(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    kv_heads: int,
+    width: int,
+    split_plan: tuple[int, int] | None = None,
+) -> Prefix:
+    """A :class:`Prefix` for :func:`attend`; the arguments are :func:`varlen_attention`'s."""
+    if keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError("the flat prefix keys and values need a unit last stride")
+    device = keys.device
+    chunk, prefix_splits = split_plan if split_plan is not None else split_chunk(keys.shape[0], width, device)
+    head_dim = keys.shape[1]
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    strides = (keys.stride(0), values.stride(0))
+    cuda = device.type == "cuda"
+    return Prefix(keys, values, offsets, bias, kv_heads, head_dim, chunk, prefix_splits, strides, block_d, device, cuda)
 
 
 def varlen_attention(
@@ -415,59 +520,89 @@ def varlen_attention(
         ``out (batch, Hq, rows, d)`` in ``out_dtype`` and ``lse (batch, Hq, rows)`` float32; a row that
         sees nothing gets ``out = 0`` and ``lse = -inf``.
     """
+    prefix = build_prefix(keys, values, offsets, bias, kv_heads=kv_heads, width=width, split_plan=split_plan)
+    return attend(prefix, query, scale, out_dtype or query.dtype, tail_keys, tail_values, tail_mask, causal, return_lse)
+
+
+def attend(
+    prefix: Prefix,
+    query: torch.Tensor,
+    scale: float,
+    out_dtype: torch.dtype,
+    tail_keys: torch.Tensor | None = None,
+    tail_values: torch.Tensor | None = None,
+    tail_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    return_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`varlen_attention` over a :class:`Prefix` built beforehand: what a decoding step runs.
+
+    The arguments and the result are :func:`varlen_attention`'s, positional, ``out_dtype`` required."""
     batch, hq, rows, head_dim = query.shape
+    if head_dim != prefix.head_dim:
+        raise ValueError(f"the query's head_dim is {head_dim}, the prefix's {prefix.head_dim}")
+    kv_heads = prefix.kv_heads
     group = hq // kv_heads
     z_count, m = batch * kv_heads, group * rows
-    device = query.device
+    device = prefix.device
     if query.stride(-1) != 1:
         query = query.contiguous()
-    if keys.stride(-1) != 1 or values.stride(-1) != 1:
-        raise ValueError("the flat prefix keys and values need a unit last stride")
+    keys, values = prefix.keys, prefix.values
     block_m = 16 if m <= 16 else 64
-    block_n = BLOCK_N
-    block_d = max(16, 1 << (head_dim - 1).bit_length())
-    chunk, prefix_splits = split_plan if split_plan is not None else split_chunk(keys.shape[0], width, device, block_n)
+    block_d = prefix.block_d
+    chunk, prefix_splits = prefix.chunk, prefix.prefix_splits
     n_tail = tail_keys.shape[2] if tail_keys is not None else 0
     has_tail = n_tail > 0
-    if has_tail and (tail_keys.shape[1] not in (kv_heads, hq) or tail_values.shape != tail_keys.shape):
-        raise ValueError(
-            f"tail keys {tuple(tail_keys.shape)} / values {tuple(tail_values.shape)} must be (batch, {kv_heads} or {hq}, n, d)"
-        )
-    splits = prefix_splits + int(has_tail)
+    if has_tail:
+        tail_shape = tail_keys.shape
+        if tail_shape[1] not in (kv_heads, hq) or tail_values.shape != tail_shape:
+            raise ValueError(
+                f"tail keys {tuple(tail_shape)} / values {tuple(tail_values.shape)} must be "
+                f"(batch, {kv_heads} or {hq}, n, d)"
+            )
+        # Batch, KV-head and slot strides. When the model repeated its KV heads for GQA (Hq heads),
+        # head h * Hq / kv_heads is a copy of KV head h: read that one.
+        per_head = tail_shape[1] // kv_heads
+        s_tkb, s_tkh, s_tkn, _ = tail_keys.stride()
+        s_tvb, s_tvh, s_tvn, _ = tail_values.stride()
+        tail_strides = (s_tkb, s_tkh * per_head, s_tkn, s_tvb, s_tvh * per_head, s_tvn)
+        tail_k, tail_v = tail_keys, tail_values
+    else:
+        tail_strides = (0, 0, 0, 0, 0, 0)
+        tail_k, tail_v = keys, values
+    splits = prefix_splits + has_tail
     row_blocks = _cdiv(m, block_m)
 
     mask = tail_mask if has_tail else None
     mask_bool = mask is not None and mask.dtype == torch.bool
     if mask is not None:
-        mask_strides = _mask_strides(mask, (batch, hq, rows, n_tail))
-        if mask_bool:
-            mask = mask.view(torch.uint8)
-    tail_k = tail_keys if has_tail else keys
-    tail_v = tail_values if has_tail else values
+        mask, mask_strides = _kernel_mask(mask, (batch, hq, rows, n_tail))
+    else:
+        mask_strides = (0, 0, 0, 0)
 
+    where = _direct_target(prefix.on_cuda)
+    # The stream the kernel runs on (the current device's, as Triton launches), for the counters.
+    stream = where[1] if where is not None else _current_stream(_current_device()) if prefix.on_cuda else 0
     # One float32 scratch holds the partial outputs (Z, S, m, BLOCK_D) then the partial lse (Z, S, m).
-    part = torch.empty(z_count * splits * m * (block_d + 1) if splits > 1 else 1, device=device, dtype=torch.float32)
-    counters = _arrival_counters(device, z_count * row_blocks)
-    out = torch.empty(batch, hq, rows, head_dim, device=device, dtype=out_dtype or query.dtype)
+    part = _split_scratch(device, stream, z_count * splits * m * (block_d + 1) if splits > 1 else 1)
+    counters = _arrival_counters(device, stream, z_count * row_blocks)
+    out = torch.empty(batch, hq, rows, head_dim, device=device, dtype=out_dtype)
     lse = torch.empty(batch, hq, rows, device=device, dtype=torch.float32) if return_lse else None
+    bias = prefix.bias
     tensors = (
-        query, keys, values, bias if bias is not None else keys, offsets, tail_k, tail_v,
+        query, keys, values, bias if bias is not None else keys, prefix.offsets, tail_k, tail_v,
         mask if mask is not None else keys, part, counters, out, lse if return_lse else out,
     )  # fmt: skip
     integers = (
         kv_heads, group, rows, m, head_dim, chunk, prefix_splits, n_tail,
-        query.stride(0), query.stride(1), query.stride(2),
-        keys.stride(0), values.stride(0),
-        *(_tail_strides(tail_k, kv_heads) if has_tail else (0, 0, 0)),
-        *(_tail_strides(tail_v, kv_heads) if has_tail else (0, 0, 0)),
-        *(mask_strides if mask is not None else (0, 0, 0, 0)),
+        *query.stride()[:3], *prefix.strides, *tail_strides, *mask_strides,
     )  # fmt: skip
     flags = (
         bias is not None, has_tail, mask is not None, mask_bool, has_tail and mask is None and causal and rows > 1,
-        query.dtype == torch.float32, return_lse, block_m, block_n, block_d,
+        query.dtype == torch.float32, return_lse, block_m, BLOCK_N, block_d,
     )  # fmt: skip
-    launch((z_count, splits, row_blocks), tensors, integers, float(scale), flags)
+    _launch_on(where, (z_count, splits, row_blocks), tensors, integers, float(scale), flags)
     return out, lse
 
 
-__all__ = ["PROGRAMS_PER_SM", "split_chunk", "varlen_attention"]
+__all__ = ["PROGRAMS_PER_SM", "Prefix", "attend", "build_prefix", "split_chunk", "varlen_attention"]

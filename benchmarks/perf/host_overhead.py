@@ -1,6 +1,7 @@
 """Host time of one layer's attention at a decoding step, by component (Llama-3.1-8B layer shape).
 
     python -m benchmarks.perf.host_overhead --slots 1024 --calls 2000
+    python -m benchmarks.perf.host_overhead --compare HEAD~1     # this tree against a git revision, on the CPU
 
 Decoding an 8B model at small batch is bound by the host, so what a layer's attention costs in Python
 and launches decides decode speed. With a short cache (``--slots`` per KV head) the GPU work of each
@@ -11,24 +12,44 @@ loop (synchronised once at the end) is its host cost:
 * ``dense layer step``: a uniform-budget :class:`~zigzag.cache.CompressedLayer`'s ``update`` then SDPA
   through its key subclass, as the model calls them;
 * ``varlen layer step``: the same on a head-wise :class:`~zigzag.varlen.VarlenLayer` (Triton kernel);
-* ``varlen_attention``: the kernel's Python wrapper alone, and ``triton launch`` / ``direct launch``:
-  the kernel launched through ``JITFunction.run`` or through the cached launcher
-  (:func:`zigzag.varlen_kernel.launch`) with the same arguments.
+* ``varlen attend``: what the layer calls for one step, :func:`zigzag.varlen_kernel.attend` over the
+  layer's kept :class:`~zigzag.varlen_kernel.Prefix` (argument assembly and launch);
+* ``varlen_attention``: the kernel's public wrapper, which also builds the prefix on each call;
+* ``triton launch`` / ``direct launch``: the kernel launched through ``JITFunction.run`` or through the
+  cached launcher (:func:`zigzag.varlen_kernel.launch`) with the same arguments.
 
 Prints one table of microseconds per call (median of ``--repeats`` loops).
+
+``--compare REV`` measures something else, on the CPU: the varlen layer step of this tree against the
+same step with ``zigzag/varlen.py`` and ``zigzag/varlen_kernel.py`` taken from git revision ``REV``
+(the rest of the package is this tree's), the kernel launch replaced by a no-op in both, so that only
+the host work above the launch is timed. The step is the model's: ``update``, then transformers'
+``sdpa_attention_forward`` with the returned keys, over ``--layers`` layers that share one attention
+mask per step. The two run interleaved, ``--rounds`` rounds of ``--steps`` steps, alternating which
+goes first; it prints the medians in microseconds per layer step and the median of the per-round
+ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+import types
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from zigzag.cache import CompressedLayer
 from zigzag.varlen import VarlenLayer
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def per_call_us(fn, calls: int, repeats: int, sync) -> float:
@@ -45,13 +66,7 @@ def per_call_us(fn, calls: int, repeats: int, sync) -> float:
     return statistics.median(results)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slots", type=int, default=1024, help="cached tokens per KV head")
-    parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda", help="cuda; cpu runs the kernel in Triton's interpreter (checks the script)")
-    args = parser.parse_args(argv)
+def components(args) -> None:
     import zigzag.varlen_kernel as vk
 
     device = torch.device(args.device)
@@ -78,20 +93,22 @@ def main(argv: list[str] | None = None) -> None:
 
     varlen.update(step_k, step_v)
     tail_k, tail_v = varlen.keys, varlen.values
+    prefix = varlen._triton_prefix()
+    attend = lambda: vk.attend(prefix, query, d**-0.5, query.dtype, tail_k, tail_v, None, False, False)
     wrapper = lambda: vk.varlen_attention(
         query, varlen.prefix_keys, varlen.prefix_values, varlen.offsets, None, kv_heads=kv_heads,
         width=varlen.width, scale=d**-0.5, tail_keys=tail_k, tail_values=tail_v, return_lse=False,
     )  # fmt: skip
     captured = {}
-    real_launch = vk.launch
+    real_launch_on = vk._launch_on
 
-    def capture(*launch_args):
+    def capture(where, *launch_args):
         captured["args"] = launch_args
-        real_launch(*launch_args)
+        real_launch_on(where, *launch_args)
 
-    vk.launch = capture
+    vk._launch_on = capture
     wrapper()
-    vk.launch = real_launch
+    vk._launch_on = real_launch_on
     grid, tensors, integers, scale, flags = captured["args"]
     through_run = lambda: vk.launch_through_triton(grid, tensors, integers, scale, flags)
     direct = lambda: vk.launch(grid, tensors, integers, scale, flags)
@@ -100,15 +117,125 @@ def main(argv: list[str] | None = None) -> None:
         ("sdpa", lambda: F.scaled_dot_product_attention(query, dense_k, dense_v, enable_gqa=True)),
         ("dense layer step", lambda: layer_step(dense)),
         ("varlen layer step", lambda: layer_step(varlen)),
+        ("varlen attend", attend),
         ("varlen_attention", wrapper),
         ("triton launch", through_run),
         ("direct launch", direct),
     ]
     calls = args.calls if device.type == "cuda" else 3
-    print(f"| component ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {n} slots) | host us / call |")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"| component ({name}, {n} slots) | host us / call |")
     print("|---|---|")
     for name, fn in rows:
         print(f"| {name} | {per_call_us(fn, calls, args.repeats, sync):.1f} |")
+
+
+# ---------------------------------------------------------------------------------------------- --compare
+
+
+def _modules_at(rev: str, folder: str) -> tuple[types.ModuleType, types.ModuleType]:
+    """``zigzag/varlen.py`` and ``zigzag/varlen_kernel.py`` as of git revision ``rev``, imported under
+    other names, the first using the second for its kernels."""
+    loaded = []
+    for path in ("zigzag/varlen_kernel.py", "zigzag/varlen.py"):
+        git = ["git", "-C", str(ROOT), "show", f"{rev}:{path}"]
+        source = subprocess.run(git, capture_output=True, text=True, check=True).stdout
+        name = f"_at_{len(loaded)}_{Path(path).stem}"
+        file = Path(folder) / f"{name}.py"
+        file.write_text(source)
+        spec = importlib.util.spec_from_file_location(name, file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        loaded.append(module)
+    kernel, layer = loaded
+    layer._triton_kernels = lambda: kernel
+    return layer, kernel
+
+
+def _no_launch(*args) -> None:
+    """Stands in for the kernel launch."""
+
+
+def _decode(stack: list, steps: int, query: torch.Tensor, step_kv: torch.Tensor, masked: bool, module) -> None:
+    """``steps`` decoding steps over the layers of ``stack``, as the model runs them: each layer's
+    ``update`` then transformers' SDPA attention; one bool mask per step, shared by the layers, when
+    ``masked``. Every 63 steps the layers are cropped back to their compressed prefix."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, d = query.shape[0], query.shape[-1]
+    for _ in range(steps):
+        appended = stack[0].appended
+        if appended >= 63:
+            for layer in stack:
+                layer.crop(-appended)
+            appended = 0
+        mask = torch.ones(batch, 1, 1, 2 + appended, dtype=torch.bool) if masked else None
+        for layer in stack:
+            keys, values = layer.update(step_kv, step_kv)
+            sdpa_attention_forward(module, query, keys, values, mask, scaling=d**-0.5)
+
+
+def compare(args) -> None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend on CPU tensors; nothing is launched
+    import zigzag.varlen as varlen_here
+    import zigzag.varlen_kernel as kernel_here
+
+    torch.set_num_threads(1)
+    heads, kv_heads, d, n = 32, 8, 128, 256
+    module = types.SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True, training=False)
+    with tempfile.TemporaryDirectory() as folder:
+        varlen_there, kernel_there = _modules_at(args.compare, folder)
+        trees = {args.compare: (varlen_there, kernel_there), "this tree": (varlen_here, kernel_here)}
+        for layer_module, kernel in trees.values():
+            layer_module.set_backend("triton")
+            for name in ("launch", "_launch_on"):  # the launch entry points of either version
+                if hasattr(kernel, name):
+                    setattr(kernel, name, _no_launch)
+        case = f"decoding step ({args.layers} layers, host only, launch stubbed)"
+        print(f"| {case} | {args.compare} us | this tree us | ratio |")
+        print("|---|---|---|---|")
+        for batch, masked in ((1, False), (4, True)):
+            gen = torch.Generator().manual_seed(0)
+            lengths = torch.full((batch, kv_heads), n)
+            lengths[:, 0], lengths[:, 1] = n // 2, n + n // 2
+            total = int(lengths.sum())
+            flat = torch.randn(total, d, generator=gen)
+            layers = {
+                name: [mod.VarlenLayer(flat, flat, torch.arange(total) % n, lengths, n) for _ in range(args.layers)]
+                for name, (mod, _kernel) in trees.items()
+            }
+            query = torch.randn(batch, 1, heads, d, generator=gen).transpose(1, 2)
+            step_kv = torch.randn(batch, kv_heads, 1, d, generator=gen)
+            times = {name: [] for name in trees}
+            for name in trees:
+                _decode(layers[name], 100, query, step_kv, masked, module)  # warm up
+            for r in range(args.rounds):
+                for name in list(trees)[:: 1 if r % 2 else -1]:
+                    start = time.perf_counter()
+                    _decode(layers[name], args.steps, query, step_kv, masked, module)
+                    times[name].append(1e6 * (time.perf_counter() - start) / (args.steps * args.layers))
+            there, here = (statistics.median(times[name]) for name in trees)
+            ratio = statistics.median(b / a for a, b in zip(*times.values()))
+            case = f"batch {batch}, {'bool mask' if masked else 'no mask'}"
+            print(f"| {case} | {there:.1f} | {here:.1f} | {ratio:.3f} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slots", type=int, default=1024, help="cached tokens per KV head")
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda", help="cuda; cpu runs the kernel in Triton's interpreter (a check)")
+    parser.add_argument("--compare", metavar="REV", help="time this tree's varlen layer step against revision REV")
+    parser.add_argument("--layers", type=int, default=4, help="--compare: layers per decoding step")
+    parser.add_argument("--rounds", type=int, default=40, help="--compare: interleaved rounds")
+    parser.add_argument("--steps", type=int, default=100, help="--compare: decoding steps per round")
+    args = parser.parse_args(argv)
+    if args.compare:
+        compare(args)
+    else:
+        components(args)
 
 
 if __name__ == "__main__":

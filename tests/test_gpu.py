@@ -194,3 +194,30 @@ def test_cuda_half_query_moments_match_float64(dtype):
     # Within the queries' own precision (2^-9 relative) of the float64 covariance (variances ~1 here,
     # means up to ~12 standard deviations): what shifting before the float32 sums buys.
     torch.testing.assert_close(cov.double(), ref_cov, atol=4e-3, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_query_moments_without_padding_skip_the_mask(dtype):
+    """Without padding the capture passes the columns after the sinks as a slice and no mask: the same
+    moments as the masked path, and within the queries' precision of float64."""
+    from zigzag.api import _QueryCapture, query_moments_half
+
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    batch, seq, heads, d, skip = 2, 2500, 4, 64, 4
+    q = (torch.randn(batch, seq, heads, d, generator=gen) + 4.0 * torch.randn(1, 1, heads, d, generator=gen)).to("cuda", dtype)
+    valid = torch.ones(batch, seq, dtype=torch.bool, device="cuda")
+    fast = _QueryCapture(window=0, stats_skip=skip, heads=heads, head_dim=d, valid=valid, padded=False)
+    masked = _QueryCapture(window=0, stats_skip=skip, heads=heads, head_dim=d, valid=valid, padded=True)
+    fast._statistics(0, q)
+    masked._statistics(0, q)
+    torch.testing.assert_close(fast.mean[0], masked.mean[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.cov[0], masked.cov[0], atol=1e-4, rtol=0)
+    q64 = q[:, skip:].double()
+    ref_mean = q64.mean(dim=1)
+    centred = q64 - ref_mean[:, None]
+    ref_cov = torch.einsum("bshd,bshe->bhde", centred, centred) / (seq - skip)
+    torch.testing.assert_close(fast.mean[0].double(), ref_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.cov[0].double(), ref_cov, atol=4e-3, rtol=0)
+    with pytest.raises(ValueError, match="both use and count"):
+        query_moments_half(q, torch.ones(batch, seq, device="cuda"))
+

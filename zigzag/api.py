@@ -142,6 +142,7 @@ class _QueryCapture:
     heads: int
     head_dim: int
     valid: torch.Tensor
+    padded: bool = True  # False: every token of every row is real (the context said so, without a sync)
     window_queries: dict[int, torch.Tensor] = field(default_factory=dict)  # (batch, heads, w, d) pre-RoPE
     mean: dict[int, torch.Tensor] = field(default_factory=dict)  # (batch, heads, d)
     cov: dict[int, torch.Tensor] = field(default_factory=dict)  # (batch, heads, d, d)
@@ -158,12 +159,19 @@ class _QueryCapture:
         return on_queries
 
     def _statistics(self, layer_idx: int, q: torch.Tensor) -> None:
+        half_cuda = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+        if half_cuda and not self.padded:
+            # The tokens that count are the columns after the sinks in every row: a view, and no
+            # pass that multiplies the centred queries by a 0/1 mask.
+            used = q[:, self.stats_skip :] if q.shape[1] > self.stats_skip else q
+            self.mean[layer_idx], self.cov[layer_idx] = query_moments_half(used)
+            return
         # Skip the first `stats_skip` real tokens of each row (attention sinks), and the padding.
         rank = self.valid.long().cumsum(dim=-1) - 1
         use = (self.valid & (rank >= self.stats_skip)).float()  # (batch, seq)
         use = torch.where(use.sum(-1, keepdim=True) > 0, use, self.valid.float())  # too short: use all
         count = use.sum(-1)[:, None, None]  # (batch, 1, 1)
-        if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        if half_cuda:
             self.mean[layer_idx], self.cov[layer_idx] = query_moments_half(q, use, count)
             return
         # One float32 copy of the queries, centred and masked in place (at 32k tokens and 32 heads each
@@ -176,12 +184,15 @@ class _QueryCapture:
         self.mean[layer_idx], self.cov[layer_idx] = mean, cov
 
 
-def query_moments_half(q: torch.Tensor, use: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def query_moments_half(
+    q: torch.Tensor, use: torch.Tensor | None = None, count: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and covariance of half-precision CUDA queries, with no float32 copy of them.
 
     Args:
-        q: ``(batch, seq, heads, head_dim)`` bfloat16 / float16 pre-RoPE queries.
+        q: ``(batch, seq, heads, head_dim)`` bfloat16 / float16 pre-RoPE queries (may be a slice).
         use: ``(batch, seq)`` float 0/1, the tokens that count; count: ``(batch, 1, 1)`` their number.
+            Both None: every token counts (one half-precision pass less).
 
     Returns:
         ``mean (batch, heads, head_dim)`` and ``cov (batch, heads, head_dim, head_dim)`` float32.
@@ -196,11 +207,19 @@ def query_moments_half(q: torch.Tensor, use: torch.Tensor, count: torch.Tensor) 
     masking (512 MB each per layer at 32k tokens and 32 heads).
     """
     batch, seq, heads, head_dim = q.shape
-    weights = use.to(q.dtype)  # 0 / 1: exact in half precision
+    if (use is None) != (count is None):
+        raise ValueError("give both use and count, or neither")
+    if use is None:
+        weights = q.new_ones(batch, seq)
+        count = torch.full((batch, 1, 1), float(seq), device=q.device)
+    else:
+        weights = use.to(q.dtype)  # 0 / 1: exact in half precision
     mean = torch.bmm(weights[:, None, :], q.reshape(batch, seq, heads * head_dim), out_dtype=torch.float32)
     mean = mean.view(batch, heads, head_dim) / count
     shift = mean.to(q.dtype)
-    centred = torch.sub(q, shift[:, None]).mul_(weights[:, :, None, None])  # (batch, seq, heads, head_dim)
+    centred = torch.sub(q, shift[:, None])  # (batch, seq, heads, head_dim)
+    if use is not None:
+        centred.mul_(weights[:, :, None, None])
     rows = centred.permute(0, 2, 1, 3).reshape(batch * heads, seq, head_dim)  # views when batch == 1
     columns = centred.permute(0, 2, 3, 1).reshape(batch * heads, head_dim, seq)
     second = torch.bmm(columns, rows, out_dtype=torch.float32).view(batch, heads, head_dim, head_dim) / count[..., None]
@@ -391,7 +410,9 @@ def prefill_context(
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     seq = ctx.input_ids.shape[1]
     window = min(window, seq)
-    capture = _QueryCapture(window=window, stats_skip=query_stats_skip, heads=heads, head_dim=head_dim, valid=ctx.valid)
+    capture = _QueryCapture(
+        window=window, stats_skip=query_stats_skip, heads=heads, head_dim=head_dim, valid=ctx.valid, padded=ctx.padded
+    )
     attentions = [layer.self_attn for layer in decoder.layers]
     cache = DynamicCache(config=config)
     with forward_hooks((query_projection(a), capture.hook(i)) for i, a in enumerate(attentions)):

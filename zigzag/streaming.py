@@ -210,7 +210,8 @@ class _LayerwiseCompressor:
             self._set_budgets(allocator.allocate(self.avg_budget.cpu(), self.pool, self.num_layers, None))
         self.window = min(self.window_wanted, end - start)
         self.capture = _QueryCapture(
-            window=self.window, stats_skip=self.stats_skip, heads=self.heads, head_dim=self.head_dim, valid=ctx.valid[:, start:end]
+            window=self.window, stats_skip=self.stats_skip, heads=self.heads, head_dim=self.head_dim,
+            valid=ctx.valid[:, start:end], padded=ctx.padded,
         )
         self.cos = self.sin = None
         queries = ((query_projection(a), self.capture.hook(i)) for i, a in enumerate(self.attentions))

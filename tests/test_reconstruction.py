@@ -83,7 +83,7 @@ def test_the_cache_is_left_exactly_as_it_was():
 
 def test_max_attention_blocks_give_the_same_maximum(monkeypatch):
     """Queries are taken in blocks bounded by PROBABILITY_BLOCK_ELEMENTS; the maximum cannot depend on it."""
-    import zigzag.reconstruction as reconstruction
+    from zigzag import reconstruction
 
     batch, heads, kv_heads, n, context, head_dim = 2, 4, 2, 9, 13, 8
     length = context + n

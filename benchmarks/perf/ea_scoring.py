@@ -2,6 +2,15 @@
 
     python -m benchmarks.perf.ea_scoring --seq 8192 --baseline HEAD
     python -m benchmarks.perf.ea_scoring --device cuda --seq 32768 --dtype bfloat16
+    python -m benchmarks.perf.ea_scoring --device cuda --seq 32768 --dtype bfloat16 --backends
+    python -m benchmarks.perf.ea_scoring --device cuda --seq 32768 --dtype bfloat16 --logits-sweep
+
+``--backends`` compares the working tree's scorer with itself instead: its PyTorch path against its
+Triton kernel (``zigzag.scorers.expected_attention.set_backend`` before each call), the "baseline"
+being the PyTorch path. ``--logits-sweep`` times only the logits step (``z`` for every key and query
+head, which the kernel replaces): the PyTorch loop and the kernel at each of a few tile configurations
+(``BLOCK_N, BLOCK_D, BLOCK_J, num_warps, num_stages``; ``default`` is the kernel's own choice), under
+TF32, with the largest difference from the PyTorch logits relative to their largest magnitude.
 
 The baseline is ``zigzag/scorers/expected_attention.py`` as of ``--baseline`` (read with ``git show``),
 loaded as a separate module next to the working tree's. Both score the same random layer (Llama-3.1-8B
@@ -26,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+import zigzag.scorers.expected_attention as ea
 from zigzag import ExpectedAttention
 from zigzag.api import score_layer
 from zigzag.scorers import LayerView
@@ -98,21 +108,47 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", default="HEAD", help="git revision of the scorer to compare against")
     parser.add_argument("--baseline-file", type=Path, default=None, help="the baseline scorer's source file instead of git")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--backends", action="store_true", help="the working tree's torch path (baseline) against its Triton kernel"
+    )
+    parser.add_argument("--logits-sweep", action="store_true", help="time the logits step alone: torch, kernel configs")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     layer = random_layer(args.seq, args.heads, args.kv_heads, args.head_dim, getattr(torch, args.dtype), device)
-    scorers = {"baseline": baseline_scorer_class(args.baseline, args.baseline_file)(), "working tree": ExpectedAttention()}
-    scores = {name: score_layer(scorer, layer) for name, scorer in scorers.items()}  # also the warm-up
-    times: dict[str, list[float]] = {name: [] for name in scorers}
+    if args.logits_sweep:
+        logits_sweep(layer, args.repeats, sync)
+        return
+    if args.backends:
+        scorer = ExpectedAttention()
+        names = {"baseline": "torch", "working tree": "triton"}
+
+        def run(name: str) -> torch.Tensor:
+            ea.set_backend(names[name])
+            return score_layer(scorer, layer)
+
+        label = "baseline (torch path) / working tree (Triton kernel)"
+    else:
+        scorers = {
+            "baseline": baseline_scorer_class(args.baseline, args.baseline_file)(),
+            "working tree": ExpectedAttention(),
+        }
+
+        def run(name: str) -> torch.Tensor:
+            return score_layer(scorers[name], layer)
+
+        label = f"baseline ({args.baseline}) / working tree"
+    scores = {name: run(name) for name in ("baseline", "working tree")}  # also the warm-up
+    times: dict[str, list[float]] = {name: [] for name in scores}
     for _ in range(args.repeats):
-        for name, scorer in scorers.items():
+        for name in scores:
             sync()
             start = time.perf_counter()
-            score_layer(scorer, layer)
+            run(name)
             sync()
             times[name].append(time.perf_counter() - start)
+    ea.set_backend("auto")
 
     old, new = scores["baseline"], scores["working tree"]
     keep = args.seq // 2
@@ -125,9 +161,63 @@ def main(argv: list[str] | None = None) -> None:
     )
     for name, median in medians.items():
         print(f"  {name:>12}: {median * 1e3:8.1f} ms (median of {args.repeats})")
-    print(f"  ratio baseline ({args.baseline}) / working tree: {medians['baseline'] / medians['working tree']:.2f}x")
+    print(f"  ratio {label}: {medians['baseline'] / medians['working tree']:.2f}x")
     print(f"  max |score difference| / max score: {((old - new).abs().max() / old.abs().max()).item():.2e}")
     print(f"  top half kept by both: {(kept_old & kept_new).sum().item() / kept_old.sum().item():.6f}")
+
+
+SWEEP_CONFIGS = [
+    (64, 128, 64, 8, 2),
+    (64, 128, 64, 4, 2),
+    (64, 128, 128, 8, 2),
+    (128, 128, 64, 8, 2),
+    (64, 128, 64, 8, 3),
+    (32, 128, 128, 4, 2),
+]
+"""Tile configurations timed by ``--logits-sweep`` for head_dim 128 (``BLOCK_N, BLOCK_D, BLOCK_J, num_warps,
+num_stages``); all compile for sm_90 without spills. Other head sizes time the default only."""
+
+
+def logits_sweep(layer: LayerView, repeats: int, sync) -> None:
+    """Median time of the logits step alone: ExpectedAttention's PyTorch loop, then the Triton kernel at
+    its default and at each of :data:`SWEEP_CONFIGS`, all with TF32 products, on the same weights."""
+    from zigzag._hf import tf32_matmuls
+
+    keys = layer.keys
+    batch, kv_heads, seq, head_dim = keys.shape
+    heads = layer.query_mean.shape[1]
+    groups = heads // kv_heads
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    mean = torch.randn(batch, heads, head_dim, generator=gen) * 0.1
+    quad = torch.randn(batch, heads, head_dim, head_dim, generator=gen) * 0.01
+    weights = ea._group_weights(mean, quad + quad.transpose(-1, -2), kv_heads).to(keys.device)
+    out = torch.empty(batch, kv_heads, groups, seq, device=keys.device)
+    runs = {"torch": lambda: ea._torch_logits(keys, weights, out)}
+    if keys.is_cuda:
+        kernel = ea._kernel()
+        runs["kernel default"] = lambda: kernel.group_logits(keys, weights, out=out, precision="tf32")
+        for config in SWEEP_CONFIGS if head_dim == 128 else []:
+            runs[f"kernel {config}"] = lambda c=config: kernel.group_logits(
+                keys, weights, out=out, precision="tf32", config=c
+            )
+    print(f"logits step, one layer: batch {batch}, heads {heads}, kv_heads {kv_heads}, seq {seq}, head_dim {head_dim}, "
+          f"{keys.dtype} on {keys.device}, TF32")  # fmt: skip
+    reference = None
+    with tf32_matmuls():
+        for name, fn in runs.items():
+            fn()  # warm-up and compile
+            sync()
+            result = out.clone()
+            reference = result if reference is None else reference
+            times = []
+            for _ in range(repeats):
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                times.append(time.perf_counter() - start)
+            error = ((result - reference).abs().max() / reference.abs().max()).item()
+            print(f"  {name:>32}: {statistics.median(times) * 1e3:8.3f} ms   max |diff| / max |torch|: {error:.1e}")
 
 
 if __name__ == "__main__":

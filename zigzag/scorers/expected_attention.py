@@ -2,15 +2,79 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from zigzag._triton import triton_importable
 from zigzag.scorers._window import group_mean, raise_protected
 from zigzag.scorers.base import LayerView
 
 _CHUNK = 4096  # keys per step of the quadratic term; bounds memory at heads * _CHUNK * head_dim floats
+
+BACKENDS = ("auto", "torch", "triton")
+_backend = os.environ.get("ZIGZAG_EA_BACKEND", "auto")
+
+
+def set_backend(name: str) -> None:
+    """Choose how ExpectedAttention computes its logits (also ``ZIGZAG_EA_BACKEND``, read at import).
+
+    Args:
+        name: ``"auto"`` (default: the Triton kernel for CUDA keys when ``triton`` imports, else
+            PyTorch), ``"torch"`` (always the chunked PyTorch loop, the reference; for A/B timings)
+            or ``"triton"`` (always the kernel: CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
+    """
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown ExpectedAttention backend {name!r}; known: {', '.join(BACKENDS)}")
+    _backend = name
+
+
+def _use_kernel(keys: torch.Tensor) -> bool:
+    """Whether :func:`set_backend`'s choice sends ``keys`` to the Triton kernel. ``"auto"`` also
+    leaves to PyTorch what the kernel does not take (other dtypes, head_dim > 256, a grid too tall);
+    ``"triton"`` lets the kernel's launcher reject those."""
+    if _backend not in BACKENDS:  # from the environment, not checked at import
+        raise ValueError(f"ZIGZAG_EA_BACKEND must be one of {', '.join(BACKENDS)}; got {_backend!r}")
+    if _backend == "torch":
+        return False
+    device = keys.device
+    available = triton_importable() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    if _backend == "triton":
+        if not available:
+            raise RuntimeError(
+                f"the 'triton' ExpectedAttention backend needs CUDA tensors (or TRITON_INTERPRET=1) and an "
+                f"importable triton; got {device} tensors, triton importable: {triton_importable()}"
+            )
+        return True
+    batch, kv_heads, _, head_dim = keys.shape
+    return (
+        available
+        and device.type == "cuda"
+        and keys.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and head_dim <= 256
+        and batch * kv_heads < 2**16  # the kernel's second grid axis
+    )
+
+
+@functools.cache
+def _kernel():
+    """:mod:`zigzag.scorers._ea_kernel`, imported on first use (it imports triton)."""
+    from zigzag.scorers import _ea_kernel
+
+    return _ea_kernel
+
+
+def _tf32_matmuls_on() -> bool:
+    """Whether PyTorch runs float32 CUDA matmuls in TF32 now (e.g. under ``zigzag.api.score_layer``),
+    so that the kernel uses the precision the torch path would."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # reading allow_tf32 after the new API set it raises
+        return matmul.fp32_precision == "tf32"  # "none" reads as the global setting it inherits
+    return bool(matmul.allow_tf32)
 
 
 @dataclass
@@ -34,7 +98,9 @@ class ExpectedAttention:
     ``z`` goes through a softmax over the valid tokens of the row (float32), the probabilities are
     averaged over the query heads of each KV group, and, if ``use_vnorm``, the score is
     ``(p + epsilon) * ||v||``. The first ``n_sink`` tokens (positions ``< n_sink``) are lifted
-    above every other token (always kept). Memory: about ``heads * min(seq, 4096) * head_dim`` floats at once.
+    above every other token (always kept). Memory: about ``heads * min(seq, 4096) * head_dim`` floats at once
+    on the PyTorch path; for CUDA keys a Triton kernel (:mod:`zigzag.scorers._ea_kernel`, see
+    :func:`set_backend`) computes ``z`` from the keys in place and needs only the logits.
 
     Parameters
     ----------
@@ -87,7 +153,7 @@ class ExpectedAttention:
                 "got None"
             )
         keys = layer.keys
-        batch, kv_heads, seq, head_dim = keys.shape
+        batch, kv_heads, seq, _ = keys.shape
         device = keys.device
         heads = layer.query_mean.shape[1]
         if heads % kv_heads != 0:
@@ -103,24 +169,13 @@ class ExpectedAttention:
         weights = _group_weights(mean, quad, kv_heads)  # (batch, kv_heads, d, groups * d + groups)
 
         # Per key k (a row) and query head h of its group: z = (k Q_h) . k + m_h . k, Q_h = quad, m_h = mean.
-        # The matmul gives every k Q_h and m_h . k of the group at once; a batched dot product with k
-        # (one tiny bmm per key) finishes it. The only full-size intermediate, y, is written once and
-        # read once, where k Q_h followed by (k Q_h * k).sum(-1) wrote and read it twice more. The group
-        # average cannot join the small matrices: each query head has its own softmax over the keys.
-        quad_width = groups * head_dim
         logits = torch.empty(batch, kv_heads, groups, seq, device=device, dtype=torch.float32)
-        for start in range(0, seq, _CHUNK):
-            # float32 (TF32 under the pipeline): rounding Q_h to bfloat16 for a half-precision matmul
-            # would cost 8x TF32's error. contiguous(): a chunk of float32 keys is a strided slice, and
-            # the views below merge (batch, kv_heads, c) into one batch dimension.
-            k = keys[:, :, start : start + _CHUNK].to(torch.float32).contiguous()  # (batch, kv_heads, c, d)
-            c = k.shape[2]
-            n = batch * kv_heads * c
-            y = torch.matmul(k, weights)  # (batch, kv_heads, c, groups * d + groups)
-            k_quad = y[..., :quad_width].reshape(n, groups, head_dim)  # views: row h is k Q_h
-            k_mean = y[..., quad_width:].reshape(n, 1, groups)  # m_h . k
-            z = torch.baddbmm(k_mean, k.view(n, 1, head_dim), k_quad.transpose(1, 2))  # (n, 1, groups)
-            logits[..., start : start + c] = z.view(batch, kv_heads, c, groups).transpose(-1, -2)
+        if _use_kernel(keys):
+            # TF32 products exactly when the torch path's float32 matmul would use them.
+            precision = "tf32" if keys.is_cuda and _tf32_matmuls_on() else "ieee"
+            _kernel().group_logits(keys, weights, out=logits, precision=precision)
+        else:
+            _torch_logits(keys, weights, logits)
         logits = logits.view(batch, heads, seq).masked_fill(~valid[:, None, :], float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         probs = torch.where(valid[:, None, :], probs, torch.zeros((), device=device))  # all-padded rows
@@ -153,6 +208,35 @@ class ExpectedAttention:
         rotate_half[:half, half:] = -eye
         rotate_half[half:, :half] = eye
         return torch.diag_embed(cos) + sin[:, :, None] * rotate_half  # Rbar = diag(cos) + diag(sin) P
+
+
+def _torch_logits(keys: torch.Tensor, weights: torch.Tensor, logits: torch.Tensor) -> None:
+    """Fill ``logits`` with ``z = k Q_h . k + m_h . k`` in chunks of keys: the reference for the kernel.
+
+    Args:
+        keys: ``(batch, kv_heads, seq, head_dim)``, any float dtype and strides.
+        weights: ``(batch, kv_heads, head_dim, groups * head_dim + groups)`` float32 (:func:`_group_weights`).
+        logits: ``(batch, kv_heads, groups, seq)`` float32, written in place.
+    """
+    batch, kv_heads, seq, head_dim = keys.shape
+    groups = logits.shape[2]
+    # The matmul gives every k Q_h and m_h . k of the group at once; a batched dot product with k
+    # (one tiny bmm per key) finishes it. The only full-size intermediate, y, is written once and
+    # read once, where k Q_h followed by (k Q_h * k).sum(-1) wrote and read it twice more. The group
+    # average cannot join the small matrices: each query head has its own softmax over the keys.
+    quad_width = groups * head_dim
+    for start in range(0, seq, _CHUNK):
+        # float32 (TF32 under the pipeline): rounding Q_h to bfloat16 for a half-precision matmul
+        # would cost 8x TF32's error. contiguous(): a chunk of float32 keys is a strided slice, and
+        # the views below merge (batch, kv_heads, c) into one batch dimension.
+        k = keys[:, :, start : start + _CHUNK].to(torch.float32).contiguous()  # (batch, kv_heads, c, d)
+        c = k.shape[2]
+        n = batch * kv_heads * c
+        y = torch.matmul(k, weights)  # (batch, kv_heads, c, groups * d + groups)
+        k_quad = y[..., :quad_width].reshape(n, groups, head_dim)  # views: row h is k Q_h
+        k_mean = y[..., quad_width:].reshape(n, 1, groups)  # m_h . k
+        z = torch.baddbmm(k_mean, k.view(n, 1, head_dim), k_quad.transpose(1, 2))  # (n, 1, groups)
+        logits[..., start : start + c] = z.view(batch, kv_heads, c, groups).transpose(-1, -2)
 
 
 def _group_weights(mean: torch.Tensor, quad: torch.Tensor, kv_heads: int) -> torch.Tensor:

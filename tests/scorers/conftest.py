@@ -19,7 +19,7 @@ THETA = 10000.0
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, dtype: torch.dtype = torch.float32):
     """Standard RoPE (theta 10000, HF layout): positions (batch, n) -> cos, sin (batch, n, head_dim)."""
-    inv_freq = 1.0 / THETA ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    inv_freq = 1.0 / THETA ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
     freqs = positions.to(torch.float64)[..., None] * inv_freq  # (batch, n, d/2)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
-from zigzag._triton import triton_importable
+from zigzag._triton import triton_runs_on
 from zigzag.attention import (
     _ADD_OPS,
     _KEY_VIEW_OPS,
@@ -105,19 +105,12 @@ def _triton_kernels():
     return varlen_kernel
 
 
-def triton_available(device: torch.device) -> bool:
-    """Whether the Triton kernels can run on ``device``: CUDA, or Triton's interpreter (tests)."""
-    if device.type == "cuda":
-        return triton_importable()
-    return triton_importable() and os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def get_backend(device: torch.device) -> str:
     """The backend :func:`set_backend` chose, with ``"auto"`` resolved for ``device``: ``"triton"`` on
     CUDA when Triton imports, else ``"segment"``."""
     if _backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available(device) else "segment"
-    if _backend == "triton" and not triton_available(device):
+        return "triton" if device.type == "cuda" and triton_runs_on(device) else "segment"
+    if _backend == "triton" and not triton_runs_on(device):
         raise RuntimeError(f"the 'triton' varlen backend needs CUDA tensors and an importable triton; got {device}")
     return _backend
 

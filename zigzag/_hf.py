@@ -76,3 +76,12 @@ def tf32_matmuls() -> Iterator[None]:
         yield
     finally:
         matmul.fp32_precision = previous
+
+
+def tf32_matmuls_enabled() -> bool:
+    """Whether PyTorch runs float32 CUDA matmuls in TF32 now (inside :func:`tf32_matmuls`, say), read
+    through the same API that :func:`tf32_matmuls` sets, so kernels can match the matmuls' precision."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # reading allow_tf32 after the new API set it raises
+        return matmul.fp32_precision == "tf32"  # "none" reads as the global setting it inherits
+    return bool(matmul.allow_tf32)

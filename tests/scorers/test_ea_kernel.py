@@ -15,6 +15,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 import zigzag.scorers.expected_attention as ea
+from zigzag._hf import tf32_matmuls, tf32_matmuls_enabled
 from zigzag.scorers import ExpectedAttention
 from zigzag.scorers._ea_kernel import group_logits
 
@@ -181,7 +182,7 @@ def test_cuda_kernel_matches_torch_path_at_llama_shape(kit, monkeypatch, dtype):
 
     def tf32(on: bool) -> None:
         monkeypatch.setattr(matmul, *(("fp32_precision", "tf32" if on else "ieee") if new_api else ("allow_tf32", on)))
-        assert ea._tf32_matmuls_on() == on
+        assert tf32_matmuls_enabled() == on
 
     scorer = ExpectedAttention()
     layer = _llama_layer(LLAMA_SEQ, dtype, kit)
@@ -209,3 +210,13 @@ def test_cuda_kernel_matches_torch_path_at_llama_shape(kit, monkeypatch, dtype):
     for precision, tol in (("ieee", 4e-6), ("tf32", 3e-3)):
         z = group_logits(keys, weights, precision=precision)
         assert ((z.double() - ref).abs() <= tol * scale).all(), precision
+
+
+def test_tf32_state_reads_what_tf32_matmuls_sets():
+    """The kernel picks its precision from tf32_matmuls_enabled(): inside tf32_matmuls() it is on, and
+    afterwards it is whatever it was before."""
+    before = tf32_matmuls_enabled()
+    with tf32_matmuls():
+        assert tf32_matmuls_enabled()
+    assert tf32_matmuls_enabled() == before
+

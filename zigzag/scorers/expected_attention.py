@@ -9,7 +9,8 @@ from typing import ClassVar
 
 import torch
 
-from zigzag._triton import triton_importable
+from zigzag._hf import tf32_matmuls_enabled
+from zigzag._triton import triton_importable, triton_runs_on
 from zigzag.scorers._window import group_mean, raise_protected
 from zigzag.scorers.base import LayerView
 
@@ -42,7 +43,7 @@ def _use_kernel(keys: torch.Tensor) -> bool:
     if _backend == "torch":
         return False
     device = keys.device
-    available = triton_importable() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    available = triton_runs_on(device)
     if _backend == "triton":
         if not available:
             raise RuntimeError(
@@ -66,15 +67,6 @@ def _kernel():
     from zigzag.scorers import _ea_kernel
 
     return _ea_kernel
-
-
-def _tf32_matmuls_on() -> bool:
-    """Whether PyTorch runs float32 CUDA matmuls in TF32 now (e.g. under ``zigzag.api.score_layer``),
-    so that the kernel uses the precision the torch path would."""
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # reading allow_tf32 after the new API set it raises
-        return matmul.fp32_precision == "tf32"  # "none" reads as the global setting it inherits
-    return bool(matmul.allow_tf32)
 
 
 @dataclass
@@ -172,7 +164,7 @@ class ExpectedAttention:
         logits = torch.empty(batch, kv_heads, groups, seq, device=device, dtype=torch.float32)
         if _use_kernel(keys):
             # TF32 products exactly when the torch path's float32 matmul would use them.
-            precision = "tf32" if keys.is_cuda and _tf32_matmuls_on() else "ieee"
+            precision = "tf32" if keys.is_cuda and tf32_matmuls_enabled() else "ieee"
             _kernel().group_logits(keys, weights, out=logits, precision=precision)
         else:
             _torch_logits(keys, weights, logits)

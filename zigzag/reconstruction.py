@@ -116,18 +116,18 @@ class _Repeat:
     prompt: int  # prompt tokens
     query_valid: torch.Tensor  # (batch, n) bool: the chunk's real tokens
     key_valid: torch.Tensor  # (batch, context + prompt + n) bool
-    positions: torch.Tensor  # (batch, prompt + n) long RoPE positions of the appended tokens
+    cos: torch.Tensor  # (batch, 1, n, head_dim) float32: RoPE of the chunk's queries, shared by all layers
+    sin: torch.Tensor
 
 
 class _Scores:
     """Hooks that turn each layer's reconstruction queries into a running max over chunks."""
 
-    def __init__(self, model: nn.Module, cache: DynamicCache, num_layers: int, heads: int, head_dim: int):
-        self.model, self.cache, self.heads, self.head_dim = model, cache, heads, head_dim
+    def __init__(self, cache: DynamicCache, num_layers: int, heads: int, head_dim: int):
+        self.cache, self.heads, self.head_dim = cache, heads, head_dim
         self.best: list[torch.Tensor | None] = [None] * num_layers
         self.queries: dict[int, torch.Tensor] = {}
         self.repeat: _Repeat | None = None
-        self.rope = None
 
     def on_queries(self, layer: int):
         def hook(module, args, output):
@@ -140,11 +140,8 @@ class _Scores:
     def after_attention(self, layer: int, scaling: float):
         def hook(module, args, output):
             repeat, keys = self.repeat, self.cache.layers[layer].keys
-            if self.rope is None:
-                self.rope = rope_fn(self.model, keys)
-            cos, sin = self.rope(repeat.positions[:, repeat.prompt :])
             q = self.queries.pop(layer)
-            q = q * cos[:, None] + rotate_half(q) * sin[:, None]
+            q = q * repeat.cos + rotate_half(q) * repeat.sin
             with tf32_matmuls():
                 found = max_attention(
                     q, keys, repeat.key_valid, repeat.query_valid, repeat.context + repeat.prompt, repeat.context, scaling
@@ -187,24 +184,27 @@ def reconstruction_scores(
     device = input_ids.device
     lengths = valid.sum(dim=-1)
     prompt = torch.tensor(setup.prompt_ids, dtype=torch.long, device=device).expand(batch, -1)
-    scores = _Scores(model, cache, len(attentions), heads, head_dim)
+    scores = _Scores(cache, len(attentions), heads, head_dim)
     saved = [(layer.keys, layer.values) for layer in cache.layers]
+    rope = rope_fn(model, saved[0][0])
     hooks = [(query_projection(a), scores.on_queries(i)) for i, a in enumerate(attentions)]
     hooks += [(a, scores.after_attention(i, a.scaling)) for i, a in enumerate(attentions)]
     starts = range(0, seq, setup.chunk_size)
-    try:
-        with forward_hooks(hooks):
-            for start in tqdm(starts, desc="reconstruction chunks", disable=not progress or len(starts) == 1):
-                chunk_valid = valid[:, start : start + setup.chunk_size]
-                appended_valid = torch.cat([torch.ones_like(prompt, dtype=torch.bool), chunk_valid], dim=-1)
-                positions = lengths[:, None] + appended_valid.long().cumsum(dim=-1) - 1
-                scores.repeat = _Repeat(
-                    context=seq,
-                    prompt=prompt.shape[1],
-                    query_valid=chunk_valid,
-                    key_valid=torch.cat([valid, appended_valid], dim=-1),
-                    positions=positions,
-                )
+    with forward_hooks(hooks):
+        for start in tqdm(starts, desc="reconstruction chunks", disable=not progress or len(starts) == 1):
+            chunk_valid = valid[:, start : start + setup.chunk_size]
+            appended_valid = torch.cat([torch.ones_like(prompt, dtype=torch.bool), chunk_valid], dim=-1)
+            positions = lengths[:, None] + appended_valid.long().cumsum(dim=-1) - 1
+            cos, sin = rope(positions[:, prompt.shape[1] :])  # once per chunk: every layer rotates alike
+            scores.repeat = _Repeat(
+                context=seq,
+                prompt=prompt.shape[1],
+                query_valid=chunk_valid,
+                key_valid=torch.cat([valid, appended_valid], dim=-1),
+                cos=cos[:, None],
+                sin=sin[:, None],
+            )
+            try:
                 model(
                     input_ids=torch.cat([prompt, input_ids[:, start : start + setup.chunk_size]], dim=-1),
                     attention_mask=scores.repeat.key_valid.long(),
@@ -213,9 +213,7 @@ def reconstruction_scores(
                     use_cache=True,
                     logits_to_keep=1,
                 )
+            finally:  # the chunk's keys go again, also when the forward pass fails
                 for layer, (keys, values) in zip(cache.layers, saved):
                     layer.keys, layer.values = keys, values
-    finally:
-        for layer, (keys, values) in zip(cache.layers, saved):
-            layer.keys, layer.values = keys, values
     return [best.masked_fill_(~valid[:, None, :], 0.0) for best in scores.best]

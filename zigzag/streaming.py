@@ -422,7 +422,6 @@ def compress_cache(
     allocator = get_budget(budget)
     merger = get_merge(merge)
     _check_model(model)
-    ctx = _as_context(inputs, next(model.parameters()).device)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
     repeat = getattr(scorer, "reconstruction", None)
@@ -436,6 +435,7 @@ def compress_cache(
             reconstruction=repeat, progress=progress,
         )
         return pre.compress(ratio, scorer, allocator, merge=merger, progress=progress)
+    ctx = _as_context(inputs, next(model.parameters()).device)
     bounds = _chunk_bounds(ctx.input_ids.shape[1], chunk_size)
     if len(bounds) > 1:
         if merger is not None:

@@ -25,10 +25,7 @@ difference relative to the largest score, and the share of the top half (ratio 0
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +33,7 @@ from pathlib import Path
 import torch
 
 import zigzag.scorers.expected_attention as ea
+from benchmarks.perf.revisions import import_source, source_at
 from zigzag import ExpectedAttention
 from zigzag.api import score_layer
 from zigzag.scorers import LayerView
@@ -46,20 +44,8 @@ SCORER_PATH = "zigzag/scorers/expected_attention.py"
 def baseline_scorer_class(rev: str, path: Path | None = None) -> type:
     """``ExpectedAttention`` as of git revision ``rev`` (or from the file ``path``, for machines whose
     copy of the tree has no git history), imported under a private module name."""
-    root = Path(__file__).resolve().parents[2]
-    if path is not None:
-        source = path.read_text()
-    else:
-        source = subprocess.run(
-            ["git", "show", f"{rev}:{SCORER_PATH}"], cwd=root, check=True, capture_output=True, text=True
-        ).stdout
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location("_ea_baseline", f.name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module.ExpectedAttention
+    source = path.read_text() if path is not None else source_at(rev, SCORER_PATH)
+    return import_source("_ea_baseline", source, tempfile.mkdtemp()).ExpectedAttention
 
 
 def rope(positions: torch.Tensor, head_dim: int, theta: float = 500000.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,23 +33,18 @@ ratios.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import types
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.perf.revisions import import_source, source_at
 from zigzag.cache import CompressedLayer
 from zigzag.varlen import VarlenLayer
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def per_call_us(fn, calls: int, repeats: int, sync) -> float:
@@ -136,19 +131,8 @@ def components(args) -> None:
 def _modules_at(rev: str, folder: str) -> tuple[types.ModuleType, types.ModuleType]:
     """``zigzag/varlen.py`` and ``zigzag/varlen_kernel.py`` as of git revision ``rev``, imported under
     other names, the first using the second for its kernels."""
-    loaded = []
-    for path in ("zigzag/varlen_kernel.py", "zigzag/varlen.py"):
-        git = ["git", "-C", str(ROOT), "show", f"{rev}:{path}"]
-        source = subprocess.run(git, capture_output=True, text=True, check=True).stdout
-        name = f"_at_{len(loaded)}_{Path(path).stem}"
-        file = Path(folder) / f"{name}.py"
-        file.write_text(source)
-        spec = importlib.util.spec_from_file_location(name, file)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        loaded.append(module)
-    kernel, layer = loaded
+    kernel = import_source("_at_0_varlen_kernel", source_at(rev, "zigzag/varlen_kernel.py"), folder)
+    layer = import_source("_at_1_varlen", source_at(rev, "zigzag/varlen.py"), folder)
     layer._triton_kernels = lambda: kernel
     return layer, kernel
 

@@ -101,13 +101,13 @@ def test_kernel_writes_into_out_and_checks_arguments():
 def test_backend_switch(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
         ea.set_backend("cuda")
-    monkeypatch.setattr(ea, "_backend", "auto")
+    monkeypatch.setattr(ea._SWITCH, "name", "auto")
     cpu = torch.zeros(1, 2, 5, 16)
     assert not ea._use_kernel(cpu)  # auto: the kernel for CUDA keys only, even under the interpreter
     assert not ea._use_kernel(cpu.double())
-    monkeypatch.setattr(ea, "_backend", "torch")
+    monkeypatch.setattr(ea._SWITCH, "name", "torch")
     assert not ea._use_kernel(cpu)
-    monkeypatch.setattr(ea, "_backend", "triton")
+    monkeypatch.setattr(ea._SWITCH, "name", "triton")
     assert ea._use_kernel(torch.zeros(1, 2, 5, 16, device=DEVICE))
 
 
@@ -135,9 +135,9 @@ def test_scorer_kernel_matches_torch_path(kit, monkeypatch, lengths, groups, kv_
         query_mean=layer.query_mean.to(DEVICE),
         query_cov=layer.query_cov.to(DEVICE),
     )
-    monkeypatch.setattr(ea, "_backend", "torch")
+    monkeypatch.setattr(ea._SWITCH, "name", "torch")
     expected = scorer.score(layer)
-    monkeypatch.setattr(ea, "_backend", "triton")
+    monkeypatch.setattr(ea._SWITCH, "name", "triton")
     got = scorer.score(layer)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
@@ -188,7 +188,7 @@ def test_cuda_kernel_matches_torch_path_at_llama_shape(kit, monkeypatch, dtype):
     layer = _llama_layer(LLAMA_SEQ, dtype, kit)
     scores = {}
     for backend in ("torch", "triton"):
-        monkeypatch.setattr(ea, "_backend", backend)
+        monkeypatch.setattr(ea._SWITCH, "name", backend)
         for on in (False, True):
             tf32(on)
             scores[backend, on] = scorer.score(layer)

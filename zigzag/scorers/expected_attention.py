@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from zigzag._hf import tf32_matmuls_enabled
-from zigzag._triton import triton_importable, triton_runs_on
+from zigzag._triton import KernelSwitch
 from zigzag.scorers._window import group_mean, raise_protected
 from zigzag.scorers.base import LayerView
 
 _CHUNK = 4096  # keys per step of the quadratic term; bounds memory at heads * _CHUNK * head_dim floats
 
-BACKENDS = ("auto", "torch", "triton")
-_backend = os.environ.get("ZIGZAG_EA_BACKEND", "auto")
+_SWITCH = KernelSwitch("ExpectedAttention", "ZIGZAG_EA_BACKEND")
 
 
 def set_backend(name: str) -> None:
@@ -28,37 +26,15 @@ def set_backend(name: str) -> None:
             PyTorch), ``"torch"`` (always the chunked PyTorch loop, the reference; for A/B timings)
             or ``"triton"`` (always the kernel: CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
     """
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"unknown ExpectedAttention backend {name!r}; known: {', '.join(BACKENDS)}")
-    _backend = name
+    _SWITCH.set(name)
 
 
 def _use_kernel(keys: torch.Tensor) -> bool:
     """Whether :func:`set_backend`'s choice sends ``keys`` to the Triton kernel. ``"auto"`` also
-    leaves to PyTorch what the kernel does not take (other dtypes, head_dim > 256, a grid too tall);
-    ``"triton"`` lets the kernel's launcher reject those."""
-    if _backend not in BACKENDS:  # from the environment, not checked at import
-        raise ValueError(f"ZIGZAG_EA_BACKEND must be one of {', '.join(BACKENDS)}; got {_backend!r}")
-    if _backend == "torch":
-        return False
-    device = keys.device
-    available = triton_runs_on(device)
-    if _backend == "triton":
-        if not available:
-            raise RuntimeError(
-                f"the 'triton' ExpectedAttention backend needs CUDA tensors (or TRITON_INTERPRET=1) and an "
-                f"importable triton; got {device} tensors, triton importable: {triton_importable()}"
-            )
-        return True
+    leaves to PyTorch what the kernel does not take (other dtypes, head_dim > 256, a grid too tall)."""
     batch, kv_heads, _, head_dim = keys.shape
-    return (
-        available
-        and device.type == "cuda"
-        and keys.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        and head_dim <= 256
-        and batch * kv_heads < 2**16  # the kernel's second grid axis
-    )
+    supported = keys.dtype in (torch.float16, torch.bfloat16, torch.float32) and head_dim <= 256 and batch * kv_heads < 2**16
+    return _SWITCH.use_kernel(keys.device, supported)
 
 
 @functools.cache

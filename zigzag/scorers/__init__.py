@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from zigzag.scorers._window import group_mean, window_attention
+from zigzag.scorers._window import group_mean, set_mass_backend, window_attention, window_mass_sum
 from zigzag.scorers.base import LayerView, Scorer
 from zigzag.scorers.expected_attention import ExpectedAttention
 from zigzag.scorers.knorm import Knorm
@@ -115,6 +115,8 @@ __all__ = [
     "StreamingLLM",
     "get_scorer",
     "group_mean",
+    "set_mass_backend",
     "window_attention",
+    "window_mass_sum",
     "with_reconstruction",
 ]

@@ -7,9 +7,15 @@ Memory is ``O(heads * window * seq)``; the full ``(seq x seq)`` attention matrix
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from zigzag._hf import tf32_matmuls_enabled
+from zigzag._triton import KernelSwitch
 from zigzag.scorers.base import LayerView
+
+_MASS_SWITCH = KernelSwitch("window mass", "ZIGZAG_MASS_BACKEND")
 
 
 def window_attention(
@@ -94,6 +100,55 @@ def window_attention(
     probs = torch.softmax(logits.masked_fill_(~visible, float("-inf")), dim=-1)
     # Rows with no visible key are all -inf and softmax gives NaN there: make them zero.
     return probs.masked_fill_(~visible.any(dim=-1, keepdim=True), 0.0)
+
+
+def set_mass_backend(name: str) -> None:
+    """Choose how :func:`window_mass_sum` runs (also ``ZIGZAG_MASS_BACKEND``, read at import).
+
+    Args:
+        name: ``"auto"`` (default: the Triton kernel of :mod:`zigzag.scorers._mass_kernel` for CUDA
+            inputs it takes, else PyTorch), ``"torch"`` (always :func:`window_attention` and a sum:
+            the reference, for A/B timings) or ``"triton"`` (always the kernel: CUDA, or CPU tensors
+            under ``TRITON_INTERPRET=1``).
+    """
+    _MASS_SWITCH.set(name)
+
+
+@functools.cache
+def _mass_kernel():
+    """:mod:`zigzag.scorers._mass_kernel`, imported on first use (it imports triton)."""
+    from zigzag.scorers import _mass_kernel
+
+    return _mass_kernel
+
+
+def window_mass_sum(
+    queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float, padded: bool = True
+) -> torch.Tensor:
+    """The attention mass the window's queries give each key: :func:`window_attention` summed over
+    the window, ``(batch, heads, seq)`` float32 (arguments as there).
+
+    A query that sees no valid key (on left padding) adds nothing, so dividing by the number of
+    valid window queries gives their mean. On CUDA (see :func:`set_mass_backend`) a Triton kernel
+    computes it without writing the ``(batch, heads, window, seq)`` logits: half-precision products
+    are exact in float32 either way, and float32 inputs are multiplied in TF32 exactly when
+    PyTorch's matmuls are (:func:`zigzag._hf.tf32_matmuls`).
+    """
+    batch, heads, window, head_dim = queries.shape
+    kv_heads = keys.shape[1] if keys.dim() == 4 else 1
+    supported = (
+        keys.dim() == 4
+        and keys.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and queries.dtype in (keys.dtype, torch.float32)
+        and 0 < window <= min(keys.shape[2], 256)
+        and head_dim <= 256
+        and batch * kv_heads < 2**16
+        and heads % kv_heads == 0
+    )
+    if not _MASS_SWITCH.use_kernel(keys.device, supported):
+        return window_attention(queries, keys, valid, scaling, padded).sum(dim=2)
+    precision = "tf32" if keys.is_cuda and tf32_matmuls_enabled() else "ieee"
+    return _mass_kernel().window_mass_sum(queries, keys, valid.to(keys.device, torch.bool) if padded else None, scaling, precision)
 
 
 def group_mean(x: torch.Tensor, kv_heads: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from zigzag.scorers._window import group_mean, last_queries, raise_protected, window_attention
+from zigzag.scorers._window import group_mean, last_queries, raise_protected, window_mass_sum
 from zigzag.scorers.base import LayerView
 
 
@@ -81,10 +81,9 @@ class SnapKV:
         queries = last_queries(layer, w, type(self).__name__)
         valid = layer.valid.to(device=layer.keys.device, dtype=torch.bool)
 
-        probs = window_attention(queries, layer.keys, valid, layer.scaling, layer.padded)  # (batch, heads, w, seq)
-        q_valid = valid[:, -w:].to(torch.float32)  # (batch, w)
-        n_queries = q_valid.sum(dim=-1).clamp(min=1.0)  # (batch,)
-        mass = torch.einsum("bhws,bw->bhs", probs, q_valid) / n_queries[:, None, None]  # (batch, heads, seq)
+        # Queries on padding see no key and add nothing to the sum: dividing by the valid ones averages them.
+        n_queries = valid[:, -w:].sum(dim=-1).clamp(min=1).to(torch.float32)  # (batch,)
+        mass = window_mass_sum(queries, layer.keys, valid, layer.scaling, layer.padded) / n_queries[:, None, None]  # (batch, heads, seq)
         mass = group_mean(mass, kv_heads)  # (batch, kv_heads, seq)
 
         prefix = seq - w

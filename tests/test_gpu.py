@@ -211,7 +211,7 @@ def test_cuda_half_query_moments_without_padding_skip_the_mask(dtype):
     fast._statistics(0, q)
     masked._statistics(0, q)
     torch.testing.assert_close(fast.mean[0], masked.mean[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(fast.cov[0], masked.cov[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast.cov[0], masked.cov[0], atol=1e-4, rtol=1e-3)  # shifts may differ by an ulp
     q64 = q[:, skip:].double()
     ref_mean = q64.mean(dim=1)
     centred = q64 - ref_mean[:, None]

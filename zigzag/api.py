@@ -9,6 +9,7 @@ full cache and everything scorers and allocators read; :meth:`Prefill.compress` 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,11 +20,13 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from zigzag._hf import decoder_of, forward_hooks, query_projection, rope_fn, rotate_half, tf32_matmuls
+from zigzag._triton import KernelSwitch
 from zigzag.budget import BudgetAllocator, get_budget, layer_mean_budgets
 from zigzag.cache import CompressedLayer, ZigZagCache
+from zigzag.gather import gather_split
 from zigzag.merge import get_merge
 from zigzag.reconstruction import Reconstruction, reconstruction_scores
-from zigzag.scorers import LayerView, Scorer, get_scorer, window_attention
+from zigzag.scorers import LayerView, Scorer, get_scorer, window_mass_sum
 from zigzag.varlen import VarlenLayer, heads_differ
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -184,6 +187,23 @@ class _QueryCapture:
         self.mean[layer_idx], self.cov[layer_idx] = mean, cov
 
 
+_MOMENTS_SWITCH = KernelSwitch("query moments", "ZIGZAG_MOMENTS_BACKEND")
+
+
+def set_moments_backend(name: str) -> None:
+    """How :func:`query_moments_half` takes the shifted second moments: ``"auto"`` (default: a Triton
+    kernel, :mod:`zigzag._moments_kernel`, for CUDA queries with ``head_dim <= 128``), ``"torch"`` (the
+    shifted copy and a batched matmul: the reference) or ``"triton"``. Also ``ZIGZAG_MOMENTS_BACKEND``."""
+    _MOMENTS_SWITCH.set(name)
+
+
+@functools.cache
+def _moments_kernel():
+    from zigzag import _moments_kernel
+
+    return _moments_kernel
+
+
 def query_moments_half(
     q: torch.Tensor, use: torch.Tensor | None = None, count: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,12 +237,16 @@ def query_moments_half(
     mean = torch.bmm(weights[:, None, :], q.reshape(batch, seq, heads * head_dim), out_dtype=torch.float32)
     mean = mean.view(batch, heads, head_dim) / count
     shift = mean.to(q.dtype)
-    centred = torch.sub(q, shift[:, None])  # (batch, seq, heads, head_dim)
-    if use is not None:
-        centred.mul_(weights[:, :, None, None])
-    rows = centred.permute(0, 2, 1, 3).reshape(batch * heads, seq, head_dim)  # views when batch == 1
-    columns = centred.permute(0, 2, 3, 1).reshape(batch * heads, head_dim, seq)
-    second = torch.bmm(columns, rows, out_dtype=torch.float32).view(batch, heads, head_dim, head_dim) / count[..., None]
+    if _MOMENTS_SWITCH.use_kernel(q.device, head_dim <= 128 and batch * heads < 2**16):
+        # One pass: each block of queries is shifted, rounded and multiplied in registers.
+        second = _moments_kernel().shifted_second_moment(q, shift, use, upcast=not q.is_cuda) / count[..., None]
+    else:
+        centred = torch.sub(q, shift[:, None])  # (batch, seq, heads, head_dim)
+        if use is not None:
+            centred.mul_(weights[:, :, None, None])
+        rows = centred.permute(0, 2, 1, 3).reshape(batch * heads, seq, head_dim)  # views when batch == 1
+        columns = centred.permute(0, 2, 3, 1).reshape(batch * heads, head_dim, seq)
+        second = torch.bmm(columns, rows, out_dtype=torch.float32).view(batch, heads, head_dim, head_dim) / count[..., None]
     delta = mean - shift.float()
     return mean, second - delta[..., :, None] * delta[..., None, :]
 
@@ -463,7 +487,7 @@ def window_mass(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, 
     ``keys``, averaged over the queries (what ZigZag's LMBA is measured on). ``padded``: see
     :func:`~zigzag.scorers.window_attention`."""
     with tf32_matmuls():
-        return window_attention(queries, keys, valid, scaling, padded).mean(dim=2)
+        return window_mass_sum(queries, keys, valid, scaling, padded) / queries.shape[2]
 
 
 def rank_tokens(scores: torch.Tensor) -> torch.Tensor:
@@ -512,9 +536,15 @@ def keep_best(ranked: torch.Tensor, budgets: torch.Tensor) -> tuple[torch.Tensor
 
 
 def gather_slots(states: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """``states (batch, kv_heads, seq, head_dim)`` at ``kept (batch, kv_heads, n)``; zeros on -1."""
-    index = kept.clamp(min=0)[..., None].expand(-1, -1, -1, states.shape[-1])
-    return torch.gather(states, 2, index) * (kept >= 0)[..., None].to(states.dtype)
+    """``states (batch, kv_heads, seq, head_dim)`` at ``kept (batch, kv_heads, n)``; zeros on -1.
+    (:func:`gather_kept` does keys and values at once.)"""
+    return gather_split(states, states, kept)[0]
+
+
+def gather_kept(keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ``(batch, kv_heads, seq, head_dim)`` at ``kept (batch, kv_heads, n)``, zeros on -1:
+    two ``(batch, kv_heads, n, head_dim)`` tensors (one launch on CUDA, :func:`zigzag.gather.gather_split`)."""
+    return gather_split(keys, values, kept)[:2]
 
 
 def build_layer(
@@ -552,7 +582,7 @@ def build_layer(
             bias = merged.counts.clamp(min=1.0).log()  # empty slots (count 0) are masked anyway
     if row_budgets is None and heads_differ(kept):
         return VarlenLayer.from_full(keys, values, kept, merged_values=merged_values, prefix_bias=bias)
-    out_values = gather_slots(values, kept) if merged_values is None else merged_values
-    return CompressedLayer(
-        gather_slots(keys, kept), out_values, kept, original_length=keys.shape[2], prefix_bias=bias, row_budgets=row_budgets
-    )
+    out_keys, out_values = gather_kept(keys, values, kept)
+    if merged_values is not None:
+        out_values = merged_values
+    return CompressedLayer(out_keys, out_values, kept, original_length=keys.shape[2], prefix_bias=bias, row_budgets=row_budgets)

@@ -37,7 +37,7 @@ from zigzag.api import (
     _query_window_needed,
     _QueryCapture,
     build_layer,
-    gather_slots,
+    gather_kept,
     keep_best,
     prefill_context,
     rank_tokens,
@@ -47,6 +47,7 @@ from zigzag.api import (
 )
 from zigzag.budget import BudgetAllocator, Uniform, get_budget, layer_mean_budgets
 from zigzag.cache import CompressedLayer, ZigZagCache
+from zigzag.gather import gather_split
 from zigzag.merge import get_merge
 from zigzag.scorers import LayerView, Scorer, get_scorer
 from zigzag.varlen import VarlenLayer, heads_differ
@@ -68,22 +69,33 @@ class _Provisional:
     rest_keys: torch.Tensor  # (seq - width, batch, kv_heads, head_dim), host
     rest_values: torch.Tensor
 
+    def best_positions(self, count: int, device: torch.device) -> torch.Tensor:
+        """The ``count`` best positions of each (row, head), best first: ``(batch, kv_heads, count)``."""
+        more = count - self.top_positions.shape[-1]
+        if more <= 0:
+            return self.top_positions[..., :count]
+        fetched = self.rest_positions[:more].to(device, non_blocking=True).movedim(0, -1)
+        return torch.cat([self.top_positions, fetched], dim=-1)
+
+    def best_states(self, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the ``count`` best tokens, best first: ``(batch, kv_heads, count, head_dim)``."""
+        more = count - self.top_positions.shape[-1]
+        if more <= 0:
+            return self.top_keys[..., :count, :], self.top_values[..., :count, :]
+
+        def with_fetched(top: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+            return torch.cat([top, rest[:more].to(device, non_blocking=True).movedim(0, -2)], dim=-2)
+
+        return with_fetched(self.top_keys, self.rest_keys), with_fetched(self.top_values, self.rest_values)
+
+    def fetched_states(self, more: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the next ``more`` best tokens after the top, rank-major as stored:
+        ``(more, batch, kv_heads, head_dim)`` on ``device`` (one contiguous copy each)."""
+        return self.rest_keys[:more].to(device, non_blocking=True), self.rest_values[:more].to(device, non_blocking=True)
+
     def best(self, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The ``count`` best positions, keys and values of each (row, head), best first."""
-        width = self.top_positions.shape[-1]
-        if count <= width:
-            return self.top_positions[..., :count], self.top_keys[..., :count, :], self.top_values[..., :count, :]
-        more = count - width
-
-        def fetch(t: torch.Tensor) -> torch.Tensor:
-            return t[:more].to(device, non_blocking=True).movedim(0, -2)
-
-        positions = self.rest_positions[:more].to(device, non_blocking=True).movedim(0, -1)
-        return (
-            torch.cat([self.top_positions, positions], dim=-1),
-            torch.cat([self.top_keys, fetch(self.rest_keys)], dim=-2),
-            torch.cat([self.top_values, fetch(self.rest_values)], dim=-2),
-        )
+        return self.best_positions(count, device), *self.best_states(count, device)
 
     def full(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All positions best first, and the uncompressed ``(batch, kv_heads, seq, head_dim)`` keys and
@@ -93,6 +105,10 @@ class _Provisional:
         order = ranked.argsort(dim=-1)[..., None].expand_as(keys)
         return ranked, keys.gather(2, order), values.gather(2, order)
 
+
+FINALIZE_RANGE = "zigzag.settle_budgets"
+"""Profiler range around the work done once every layer's LMBA is known (fixing budgets, trimming
+and fetching back the provisional layers)."""
 
 _COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -116,20 +132,9 @@ def _host_ready(device: torch.device) -> None:
         torch.cuda.current_stream(device).wait_stream(_COPY_STREAMS[device])
 
 
-def _take_ranked(ranked: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    index = ranked[..., None].expand(-1, -1, -1, keys.shape[-1])
-    return keys.gather(2, index), values.gather(2, index)
-
-
-def _finish(
-    positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, budget: torch.Tensor, host_budget: torch.Tensor, seq: int
-) -> CompressedLayer | VarlenLayer:
-    """Slots of the best-first ``positions`` within ``budget`` ((batch,) or (batch, kv_heads), and its
-    host copy), ascending."""
-    kept, order = keep_best(positions, budget)
-    index = order[..., None].expand_as(keys)
-    slot = (kept >= 0)[..., None].to(keys.dtype)
-    keys, values = keys.gather(2, index) * slot, values.gather(2, index) * slot
+def _built(keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, host_budget: torch.Tensor, seq: int) -> CompressedLayer | VarlenLayer:
+    """The final layer of kept slots ``(batch, kv_heads, width)`` (ascending, -1 first) and their keys
+    and values; ``host_budget``: ``(batch,)`` layer-wise or ``(batch, kv_heads)`` head-wise budgets."""
     if host_budget.dim() == 1:  # layer-wise budgets: every head of a row keeps as many
         return CompressedLayer(keys, values, kept, original_length=seq, row_budgets=host_budget)
     if heads_differ(kept):  # head-wise budgets: store only the kept slots
@@ -301,7 +306,7 @@ class _LayerwiseCompressor:
             else:
                 columns = torch.where(kept >= 0, slots.columns.gather(2, kept.clamp(min=0)), -1)
                 self.cache.layers[layer] = CompressedLayer(
-                    gather_slots(slots.keys, kept), gather_slots(slots.values, kept), columns, original_length=seq, row_budgets=row_budgets
+                    *gather_kept(slots.keys, slots.values, kept), columns, original_length=seq, row_budgets=row_budgets
                 )
         else:
             window_queries = last(self.allocator.window)
@@ -316,16 +321,15 @@ class _LayerwiseCompressor:
                 self.lmba.append(measured.reshape(scores.shape[0], -1).mean(dim=1) if slots.per_head else measured)
             ranked = rank_tokens(scores)
             width = self.avg_width
-            top_keys, top_values = _take_ranked(ranked[..., :width], slots.keys, slots.values)
-            rest_keys, rest_values = _take_ranked(ranked[..., width:], slots.keys, slots.values)
+            top_keys, top_values, rest_keys, rest_values = gather_split(slots.keys, slots.values, ranked, width)
             columns = slots.columns.gather(2, ranked)
             self.pending[layer] = _Provisional(
                 top_positions=columns[..., :width],
                 top_keys=top_keys,
                 top_values=top_values,
-                rest_positions=_to_host(columns[..., width:].movedim(-1, 0).contiguous()),
-                rest_keys=_to_host(rest_keys.movedim(-2, 0).contiguous()),
-                rest_values=_to_host(rest_values.movedim(-2, 0).contiguous()),
+                rest_positions=_to_host(columns[..., width:].permute(2, 0, 1).contiguous()),
+                rest_keys=_to_host(rest_keys),
+                rest_values=_to_host(rest_values),
             )
             # Nothing reads this layer again during the forward: hold no copy until the budgets are known.
             self.cache.layers[layer] = DynamicLayer()
@@ -336,32 +340,78 @@ class _LayerwiseCompressor:
 
     def finalize(self) -> ZigZagCache:
         self.bar.close()
-        ctx, seq = self.ctx, self.ctx.input_ids.shape[1]
         lmba = None
         if self.budgets is None:
-            lmba = torch.stack(self.lmba, dim=1).cpu()
-            # A layer can keep at most what it holds (all the row's tokens, unless chunks were cut already).
-            self._set_budgets(self.allocator.allocate(self.avg_budget.cpu(), self.pool, self.num_layers, lmba))
-            device = ctx.input_ids.device
-            _host_ready(device)
-            # Shrink first, grow after: the cache never holds more than its final size plus one layer.
-            order = sorted(range(self.num_layers), key=lambda i: int(self.budgets[:, i].max()) > self.avg_width)
-            for i in order:
-                pending = self.pending.pop(i)
-                budget, host_budget = self.budgets_device[:, i], self.budgets[:, i]
-                layer_width = int(host_budget.max())
-                if self.merger is not None:
-                    ranked, keys, values = pending.full(device)
-                    kept = keep_best(ranked[..., :layer_width], budget)[0]
-                    row_budgets = host_budget if host_budget.dim() == 1 else None
-                    self.cache.layers[i] = build_layer(keys, values, kept, ctx.valid, self.merger, row_budgets=row_budgets)
-                else:
-                    self.cache.layers[i] = _finish(*pending.best(layer_width, device), budget, host_budget, seq)
+            lmba = torch.stack(self.lmba, dim=1).cpu()  # waits for the forward pass
+            # A named range, so that profiles (benchmarks/perf/profile.py) show what the budgets cost.
+            with torch.profiler.record_function(FINALIZE_RANGE):
+                self._settle(lmba)
         budgets = self.budgets
         if budgets.dim() == 3:  # head-wise allocator: report per layer (mean per KV head, exact row totals)
             budgets, lmba = layer_mean_budgets(budgets), lmba.mean(dim=-1)
         return ZigZagCache(self.cache.layers, budgets=budgets, lmba=lmba)
 
+    def _settle(self, lmba: torch.Tensor) -> None:
+        """Fix the budgets from every layer's LMBA and cut each provisional layer to its own."""
+        ctx = self.ctx
+        # A layer can keep at most what it holds (all the row's tokens, unless chunks were cut already).
+        self._set_budgets(self.allocator.allocate(self.avg_budget.cpu(), self.pool, self.num_layers, lmba))
+        device = ctx.input_ids.device
+        _host_ready(device)
+        # Shrink first, grow after: the cache never holds more than its final size plus one layer.
+        order = sorted(range(self.num_layers), key=lambda i: int(self.budgets[:, i].max()) > self.avg_width)
+        if self.merger is None:
+            self._settle_sorted_once(order, device)
+            return
+        for i in order:
+            pending = self.pending.pop(i)
+            budget, host_budget = self.budgets_device[:, i], self.budgets[:, i]
+            ranked, keys, values = pending.full(device)
+            kept = keep_best(ranked[..., : int(host_budget.max())], budget)[0]
+            row_budgets = host_budget if host_budget.dim() == 1 else None
+            self.cache.layers[i] = build_layer(keys, values, kept, ctx.valid, self.merger, row_budgets=row_budgets)
+
+    def _settle_sorted_once(self, order: list[int], device: torch.device) -> None:
+        """Every layer's kept positions in ascending order from one sort, then each layer's keys and values.
+
+        Row ``(layer, b, h)`` of a ``(layers, batch, kv_heads, span)`` slab holds that head's best
+        ``budget`` positions and ``-1`` elsewhere; sorted, each row ends with its kept positions,
+        ascending, after the ``-1`` (the empty slots of :func:`~zigzag.api.keep_best`, which come
+        first). One sort instead of one per layer: each costs a dozen launches of the host's time,
+        while the accelerator waits (this runs after the forward pass, with nothing left to overlap).
+        """
+        seq = self.ctx.input_ids.shape[1]
+        # Python numbers from two host reductions: per-layer tensor checks cost the host more than the work.
+        per_layer = self.budgets.transpose(0, 1).reshape(self.num_layers, -1)
+        widths, least = per_layer.amax(dim=1).tolist(), per_layer.amin(dim=1).tolist()
+        first = self.pending[order[0]].top_positions
+        span = max(widths)
+        # int32 positions: half the memory and half the radix passes of int64 (positions < 2**31).
+        slab = torch.full((self.num_layers, *first.shape[:2], span), -1, dtype=torch.int32, device=device)
+        for i in order:  # positions only: keys and values come one layer at a time, below
+            width = widths[i]
+            candidates = self.pending[i].best_positions(width, device)
+            if least[i] < width:  # rows (heads) with fewer: their extra ranks go
+                budget = self.budgets_device[:, i].reshape(*self.budgets.shape[:1], -1, 1)
+                candidates = torch.where(torch.arange(width, device=device) < budget, candidates, -1)
+            slab[i, ..., :width] = candidates
+        kept_all, index_all = slab.sort(dim=-1)
+        for i in order:
+            width = widths[i]
+            kept = kept_all[i, ..., span - width :].long()
+            index = index_all[i, ..., span - width :]
+            pending = self.pending.pop(i)
+            more = width - pending.top_positions.shape[-1]
+            if least[i] < width:
+                index = torch.where(kept >= 0, index, -1)
+            if more > 0:  # the fetched tokens are read where they land, not concatenated to the top first
+                keys, values = gather_split(pending.top_keys, pending.top_values, index, None, pending.fetched_states(more, device))[:2]
+            elif least[i] < width:
+                keys, values = gather_kept(pending.top_keys, pending.top_values, index)
+            else:  # no empty slot: two plain gathers cost the host less than a kernel launch through Triton
+                index = index[..., None].expand(*index.shape, pending.top_keys.shape[-1])
+                keys, values = pending.top_keys.gather(2, index), pending.top_values.gather(2, index)
+            self.cache.layers[i] = _built(keys, values, kept, self.budgets[:, i], seq)
 
 def _chunk_bounds(seq: int, chunk_size: int | None) -> list[tuple[int, int]]:
     """Column ranges covering ``seq``; the last chunk is full, the first takes the remainder."""

@@ -30,6 +30,7 @@ no GPU part): it checks the script and measures nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections import Counter
@@ -50,6 +51,7 @@ from benchmarks.perf.run import (
     tiny_config,
 )
 from zigzag import compress_cache
+from zigzag.streaming import FINALIZE_RANGE, _LayerwiseCompressor
 
 HOST_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
               "aten::item", "aten::_local_scalar_dense")
@@ -63,6 +65,11 @@ class Profile:
     ``ops``: CPU-side operator name -> [self GPU time (self CPU time without a GPU), calls].
     ``kernels``: GPU activity name -> [time, count]. ``busy_us``: union of the GPU activity over all
     streams. ``syncs``: counts of :data:`HOST_SYNCS` names and of GPU-side device-to-host copies.
+    ``settle``: ZigZag's work once every LMBA is known (:data:`zigzag.streaming.FINALIZE_RANGE`),
+    ``(host span, time from its start to the end of the GPU activity, GPU busy in that time)`` in
+    microseconds; None when the run had no such range. ``settle_kernels``: the GPU activity after
+    that range started, by name, as ``kernels``; ``settle_host``: the host-side events inside that
+    range (operators and CUDA runtime calls), by self CPU time.
     """
 
     wall_s: float
@@ -70,6 +77,9 @@ class Profile:
     kernels: dict[str, list[float]] = field(default_factory=dict)
     busy_us: float = 0.0
     syncs: Counter = field(default_factory=Counter)
+    settle: tuple[float, float, float] | None = None
+    settle_kernels: dict[str, list[float]] = field(default_factory=dict)
+    settle_host: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def gpu_us(self) -> float:
@@ -86,8 +96,14 @@ def summarize(events, wall_s: float, on_gpu: bool) -> Profile:
     """Sum the profiler's ``events`` (``prof.events()``) by name into a :class:`Profile`."""
     out = Profile(wall_s)
     intervals = []
+    named = []  # (name, start, end) of every GPU activity
+    host = []  # (name, start, self CPU time) of every host event
+    settle_range = None
     for event in events:
         if event.device_type == DeviceType.CPU:
+            if event.name == FINALIZE_RANGE:
+                settle_range = (event.time_range.start, event.time_range.end)
+            host.append((event.name, event.time_range.start, event.self_cpu_time_total))
             if event.is_async:
                 continue
             entry = out.ops.setdefault(event.name, [0.0, 0])
@@ -100,9 +116,25 @@ def summarize(events, wall_s: float, on_gpu: bool) -> Profile:
             entry[0] += event.time_range.elapsed_us()
             entry[1] += 1
             intervals.append((event.time_range.start, event.time_range.end))
+            named.append((event.name, event.time_range.start, event.time_range.end))
             if event.name.startswith(DEVICE_TO_HOST):
                 out.syncs[event.name] += 1
     out.busy_us = busy_time(intervals)
+    if settle_range is not None:
+        start, end = settle_range
+        gpu_end = max([end] + [e for _, e in intervals])
+        inside = [(max(s, start), e) for s, e in intervals if e > start]
+        out.settle = (end - start, gpu_end - start, busy_time(inside))
+        for name, s, e in named:
+            if e > start:
+                entry = out.settle_kernels.setdefault(name, [0.0, 0])
+                entry[0] += e - max(s, start)
+                entry[1] += 1
+        for name, s, self_us in host:
+            if start <= s <= end and name != FINALIZE_RANGE:
+                entry = out.settle_host.setdefault(name, [0.0, 0])
+                entry[0] += self_us
+                entry[1] += 1
     return out
 
 
@@ -127,6 +159,28 @@ def interleaved_walls(case: Callable[[], object], plain: Callable[[], object], r
         plain_s.append(meter(plain)[1])
         case_s.append(meter(case)[1])
     return statistics.median(case_s), statistics.median(plain_s)
+
+
+@contextlib.contextmanager
+def settle_timer(meter: Meter):
+    """Time :meth:`zigzag.streaming._LayerwiseCompressor._settle` in unprofiled runs: yields a list
+    that gets each call's seconds, from its start (the forward pass is done: the LMBA were read back)
+    to the end of the GPU work it queued. The wrapper adds one synchronisation at the end of the call,
+    where the run synchronises anyway."""
+    times: list[float] = []
+    original = _LayerwiseCompressor._settle
+
+    def timed(self, lmba):
+        start = time.perf_counter()
+        original(self, lmba)
+        meter.sync()
+        times.append(time.perf_counter() - start)
+
+    _LayerwiseCompressor._settle = timed
+    try:
+        yield times
+    finally:
+        _LayerwiseCompressor._settle = original
 
 
 def _ms(us: float) -> str:
@@ -180,6 +234,12 @@ def case_report(name: str, prof: Profile, wall_s: float, plain: Profile, plain_w
             f"(+{_ms(prof.gpu_us - plain.gpu_us)} ms); busy {_ms(prof.busy_us)} / {_ms(plain.busy_us)} ms; "
             f"idle ≈ wall - busy {_ms(wall_s * 1e6 - prof.busy_us)} / {_ms(plain_wall_s * 1e6 - plain.busy_us)} ms "
             f"(approximate: busy of the profiled run, whose own idle is {_ms(prof.wall_s * 1e6 - prof.busy_us)} ms)")
+    if prof.settle is not None:
+        host, span, busy = prof.settle
+        lines.append(f"budgets settled after the forward pass: {_ms(span)} ms from their start to the GPU's last "
+                     f"activity (host {_ms(host)} ms), GPU busy {_ms(busy)} ms of it; there, by GPU time:")
+        lines += diff_table(prof.settle_kernels, {}, kernel_rows, "settle kernel", unit, 60)[0]
+        lines += diff_table(prof.settle_host, {}, kernel_rows, "settle host call (self)", "CPU", 60)[0]
     syncs = sorted(prof.syncs.keys() | plain.syncs.keys())
     lines.append("syncs plain -> case: " + (", ".join(f"{s} {plain.syncs[s]} -> {prof.syncs[s]}" for s in syncs) or "none"))
     table, shown = diff_table(prof.ops, plain.ops, rows, "op (self time)", unit, 50)
@@ -227,9 +287,13 @@ def main(argv: list[str] | None = None) -> None:
             return compress_cache(model, ids, args.ratio, scorer, budget)
 
         meter(run)  # warm-up: this case's kernels, pinned host blocks
-        wall_s, plain_wall_s = interleaved_walls(run, plain, args.reps, meter)
+        with settle_timer(meter) as settle_s:
+            wall_s, plain_wall_s = interleaved_walls(run, plain, args.reps, meter)
         lines = case_report(case, profile_run(run, meter), wall_s, plain_prof, plain_wall_s,
                             reps=args.reps, rows=args.rows, kernel_rows=args.kernel_rows)
+        if settle_s:
+            lines.insert(2, f"budgets settled in {statistics.median(settle_s) * 1e3:.1f} ms (median of the unprofiled "
+                            f"runs, from the forward pass's end to the GPU's: the wall time they add)")
         print("\n".join(lines), flush=True)
 
 

@@ -68,7 +68,7 @@ class CompressedLayer(DynamicLayer):
         slot_valid = kept_positions >= 0  # (batch, kv_heads, kept)
         width = kept_positions.shape[-1]
         if row_budgets is not None:
-            self.prefix_full = bool((row_budgets.cpu() >= width).all())
+            self.prefix_full = int(row_budgets.min()) >= width if row_budgets.numel() else True  # a host tensor: no sync
             self.slot_valid = slot_valid[:, :1]  # every head of a row keeps as many: one layout serves all
             return
         self.prefix_full = bool(slot_valid.all())

@@ -358,10 +358,13 @@ class _LayerwiseCompressor:
         self._set_budgets(self.allocator.allocate(self.avg_budget.cpu(), self.pool, self.num_layers, lmba))
         device = ctx.input_ids.device
         _host_ready(device)
+        # Python numbers from two host reductions: per-layer tensor checks cost the host more than the work.
+        per_layer = self.budgets.transpose(0, 1).reshape(self.num_layers, -1)
+        widths, least = per_layer.amax(dim=1).tolist(), per_layer.amin(dim=1).tolist()
         # Shrink first, grow after: the cache never holds more than its final size plus one layer.
-        order = sorted(range(self.num_layers), key=lambda i: int(self.budgets[:, i].max()) > self.avg_width)
+        order = sorted(range(self.num_layers), key=lambda i: widths[i] > self.avg_width)
         if self.merger is None:
-            self._settle_sorted_once(order, device)
+            self._settle_sorted_once(order, widths, least, device)
             return
         for i in order:
             pending = self.pending.pop(i)
@@ -371,8 +374,9 @@ class _LayerwiseCompressor:
             row_budgets = host_budget if host_budget.dim() == 1 else None
             self.cache.layers[i] = build_layer(keys, values, kept, ctx.valid, self.merger, row_budgets=row_budgets)
 
-    def _settle_sorted_once(self, order: list[int], device: torch.device) -> None:
+    def _settle_sorted_once(self, order: list[int], widths: list[int], least: list[int], device: torch.device) -> None:
         """Every layer's kept positions in ascending order from one sort, then each layer's keys and values.
+        ``widths`` / ``least``: each layer's largest and smallest budget over rows (and heads).
 
         Row ``(layer, b, h)`` of a ``(layers, batch, kv_heads, span)`` slab holds that head's best
         ``budget`` positions and ``-1`` elsewhere; sorted, each row ends with its kept positions,
@@ -381,9 +385,6 @@ class _LayerwiseCompressor:
         while the accelerator waits (this runs after the forward pass, with nothing left to overlap).
         """
         seq = self.ctx.input_ids.shape[1]
-        # Python numbers from two host reductions: per-layer tensor checks cost the host more than the work.
-        per_layer = self.budgets.transpose(0, 1).reshape(self.num_layers, -1)
-        widths, least = per_layer.amax(dim=1).tolist(), per_layer.amin(dim=1).tolist()
         first = self.pending[order[0]].top_positions
         span = max(widths)
         # int32 positions: half the memory and half the radix passes of int64 (positions < 2**31).

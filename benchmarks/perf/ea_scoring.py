@@ -34,6 +34,7 @@ import torch
 
 import zigzag.scorers.expected_attention as ea
 from benchmarks.perf.revisions import import_source, source_at
+from benchmarks.perf.run import median_ms
 from zigzag import ExpectedAttention
 from zigzag.api import score_layer
 from zigzag.scorers import LayerView
@@ -195,15 +196,9 @@ def logits_sweep(layer: LayerView, repeats: int, sync) -> None:
             sync()
             result = out.clone()
             reference = result if reference is None else reference
-            times = []
-            for _ in range(repeats):
-                sync()
-                start = time.perf_counter()
-                fn()
-                sync()
-                times.append(time.perf_counter() - start)
+            ms = median_ms(fn, repeats, sync)
             error = ((result - reference).abs().max() / reference.abs().max()).item()
-            print(f"  {name:>32}: {statistics.median(times) * 1e3:8.3f} ms   max |diff| / max |torch|: {error:.1e}")
+            print(f"  {name:>32}: {ms:8.3f} ms   max |diff| / max |torch|: {error:.1e}")
 
 
 if __name__ == "__main__":

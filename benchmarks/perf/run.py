@@ -115,6 +115,18 @@ class Meter:
         return out, seconds, peak
 
 
+def median_ms(fn, repeats: int, sync) -> float:
+    """Median milliseconds of ``repeats`` calls of ``fn``, each between two ``sync()`` (no warm-up)."""
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def cache_bytes(cache) -> int:
     if hasattr(cache, "nbytes"):
         return cache.nbytes()

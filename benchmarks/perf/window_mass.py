@@ -18,11 +18,10 @@ On a CPU without ``TRITON_INTERPRET=1`` only the PyTorch path runs.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from benchmarks.perf.run import median_ms
 from zigzag._hf import tf32_matmuls
 from zigzag._triton import triton_runs_on
 from zigzag.scorers import set_mass_backend, window_mass_sum
@@ -30,17 +29,9 @@ from zigzag.scorers import set_mass_backend, window_mass_sum
 SWEEP = [None, (64, 256, 64, 128, 8), (64, 128, 32, 128, 4), (64, 128, 64, 128, 4), (64, 128, 128, 128, 8), (64, 64, 64, 128, 4)]
 
 
-def _time(fn, repeats: int, sync) -> float:
-    """Median milliseconds of ``repeats`` synchronised calls (after one untimed)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _warm_median(fn, repeats: int, sync) -> float:
+    fn()  # compile, allocator pools
+    return median_ms(fn, repeats, sync)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
             return window_mass_sum(queries, keys, valid, scaling, padded=False)
 
     reference = run("torch")
-    torch_ms = _time(lambda: run("torch"), args.repeats, sync)
+    torch_ms = _warm_median(lambda: run("torch"), args.repeats, sync)
     print(f"torch path: {torch_ms:.3f} ms")
     if triton_runs_on(device):
         for config in SWEEP if args.sweep else [None]:
@@ -88,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as error:  # noqa: BLE001 - a tile that does not fit (shared memory, registers)
                 print(f"kernel {config}: {type(error).__name__}: {str(error).splitlines()[0][:100]}")
                 continue
-            ms = _time(lambda config=config: run("triton", config), args.repeats, sync)
+            ms = _warm_median(lambda config=config: run("triton", config), args.repeats, sync)
             err = (out - reference).abs().max().item()
             print(f"kernel {config or 'default'}: {ms:.3f} ms, {torch_ms / ms:.2f}x faster, max |difference| {err:.2e}")
     set_mass_backend("auto")

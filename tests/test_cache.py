@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 from tests.conftest import tiny_llama
 from tests.reference import keep_masks, masked_reference
-from zigzag.api import gather_slots
+from zigzag.api import gather_kept
 from zigzag.cache import CompressedLayer, ZigZagCache
 
 
@@ -41,7 +41,7 @@ def _random_compression(full: DynamicCache, mask: torch.Tensor, widths: list[int
                 chosen = real[torch.randperm(len(real), generator=gen)[:n]].sort().values
                 kept[b, h, width - n :] = chosen
         layers.append(
-            CompressedLayer(gather_slots(layer.keys, kept), gather_slots(layer.values, kept), kept, seq)
+            CompressedLayer(*gather_kept(layer.keys, layer.values, kept), kept, seq)
         )
     return ZigZagCache(layers, budgets=torch.tensor([widths, [w - 3 for w in widths]]))
 

@@ -15,7 +15,7 @@ import torch
 from tests.conftest import tiny_llama
 from tests.reference import attention, keep_masks, masked_reference
 from zigzag import prefill_context, varlen
-from zigzag.api import build_layer, gather_slots
+from zigzag.api import build_layer, gather_kept
 from zigzag.cache import CompressedLayer, ZigZagCache, random_cache
 from zigzag.merge import CosineMerge
 from zigzag.varlen import VarlenKeys, VarlenLayer, segment_attention
@@ -113,7 +113,7 @@ def test_varlen_layers_match_masked_reference_while_decoding(attn, name):
         built = build_layer(layer.keys, layer.values, kept, mask.bool())
         assert isinstance(built, VarlenLayer) and torch.equal(built.kept_positions, kept)
         layers.append(built)
-        dense.append(CompressedLayer(gather_slots(layer.keys, kept), gather_slots(layer.values, kept), kept, seq))
+        dense.append(CompressedLayer(*gather_kept(layer.keys, layer.values, kept), kept, seq))
     cache = ZigZagCache(layers, budgets=torch.zeros(batch, 3, dtype=torch.long))
     dense_cache = ZigZagCache(dense, budgets=torch.zeros(batch, 3, dtype=torch.long))
     keep = keep_masks(cache.kept_positions, seq)

@@ -24,7 +24,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _copy_rows(src, extra, out_top, out_rest, b, h, idx, r, r_ok, d, d_ok, batch, kv_heads, width, src_n,
+def _copy_rows(src, extra, out_top, out_rest, b, h, idx, r, r_ok, d, d_ok, width, src_n,
                s_b, s_h, s_s, s_d, e_s, e_b, e_h, e_d, t_b, t_h, t_s, u_s, u_b, u_h, HAS_EXTRA: tl.constexpr):
     in_src = r_ok & (idx >= 0) & (idx < src_n)
     rows = tl.load(
@@ -46,7 +46,7 @@ def _copy_rows(src, extra, out_top, out_rest, b, h, idx, r, r_ok, d, d_ok, batch
 @triton.jit
 def _gather_kernel(
     keys, values, keys_extra, values_extra, index, k_top, v_top, k_rest, v_rest,
-    batch, kv_heads, n, width, head_dim, src_n,
+    kv_heads, n, width, head_dim, src_n,
     sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d, si_b, si_h, si_n,
     ek_s, ek_b, ek_h, ek_d, ev_s, ev_b, ev_h, ev_d,
     t_b, t_h, t_s, u_s, u_b, u_h,
@@ -60,9 +60,9 @@ def _gather_kernel(
     idx = tl.load(index + b * si_b + h * si_h + r * si_n, mask=r_ok, other=-1)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
-    _copy_rows(keys, keys_extra, k_top, k_rest, b, h, idx, r, r_ok, d, d_ok, batch, kv_heads, width, src_n,
+    _copy_rows(keys, keys_extra, k_top, k_rest, b, h, idx, r, r_ok, d, d_ok, width, src_n,
                sk_b, sk_h, sk_s, sk_d, ek_s, ek_b, ek_h, ek_d, t_b, t_h, t_s, u_s, u_b, u_h, HAS_EXTRA)
-    _copy_rows(values, values_extra, v_top, v_rest, b, h, idx, r, r_ok, d, d_ok, batch, kv_heads, width, src_n,
+    _copy_rows(values, values_extra, v_top, v_rest, b, h, idx, r, r_ok, d, d_ok, width, src_n,
                sv_b, sv_h, sv_s, sv_d, ev_s, ev_b, ev_h, ev_d, t_b, t_h, t_s, u_s, u_b, u_h, HAS_EXTRA)
 
 
@@ -88,7 +88,7 @@ def gather_split(
         keys_extra, values_extra = extra if extra is not None else (keys, values)  # any pointers without extra
         _gather_kernel[grid](
             keys, values, keys_extra, values_extra, index, k_top, v_top, k_rest, v_rest,
-            batch, kv_heads, n, width, head_dim, src_n,
+            kv_heads, n, width, head_dim, src_n,
             *keys.stride(), *values.stride(), *index.stride(),
             *(keys_extra.stride() if extra is not None else (0,) * 4), *(values_extra.stride() if extra is not None else (0,) * 4),
             t_b, t_h, t_s, u_s, u_b, u_h,

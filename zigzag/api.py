@@ -535,12 +535,6 @@ def keep_best(ranked: torch.Tensor, budgets: torch.Tensor) -> tuple[torch.Tensor
     return torch.where(used, ranked, -1).sort(dim=-1)
 
 
-def gather_slots(states: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """``states (batch, kv_heads, seq, head_dim)`` at ``kept (batch, kv_heads, n)``; zeros on -1.
-    (:func:`gather_kept` does keys and values at once.)"""
-    return gather_split(states, states, kept)[0]
-
-
 def gather_kept(keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values ``(batch, kv_heads, seq, head_dim)`` at ``kept (batch, kv_heads, n)``, zeros on -1:
     two ``(batch, kv_heads, n, head_dim)`` tensors (one launch on CUDA, :func:`zigzag.gather.gather_split`)."""

@@ -15,7 +15,7 @@ import time
 import torch
 
 from zigzag import SpanPooled, get_scorer, load_smollm2, prefill_context
-from zigzag.needle import needle_prompt
+from zigzag.testing.needle import needle_prompt
 
 
 def full_cache_bytes(model, seq: int) -> int:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # Triton kernels (zigzag.varlen_kernel) then run in Triton's interpreter on CPU tensors, so their
+    # Triton kernels (zigzag.kernels.varlen_triton) then run in Triton's interpreter on CPU tensors, so their
     # math is tested here too; the flag is read when a kernel is defined, hence before any import.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -54,7 +54,7 @@ def continuation_logits(model, ctx: dict, cache, new_tokens: int) -> tuple[torch
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct, float32, SDPA, with its tokenizer (converted once, then cached)."""
-    from zigzag.models import load_smollm2
+    from zigzag.testing.models import load_smollm2
 
     return load_smollm2(dtype=torch.float32, attn_implementation="sdpa")
 

@@ -1,7 +1,7 @@
 """An independent reference for compressed attention: the full, uncompressed cache with every evicted
 position masked per layer and KV head, computed in float64 by a test-only attention function.
 
-It shares no code with `zigzag.attention` or `zigzag.cache`: it sees a plain `DynamicCache` holding
+It shares no code with `zigzag.cache.attention` or `zigzag.cache`: it sees a plain `DynamicCache` holding
 the whole prefill and a boolean keep-mask per layer, and builds the softmax itself.
 """
 

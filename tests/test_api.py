@@ -15,7 +15,7 @@ from transformers import MistralConfig, MistralForCausalLM
 from tests.conftest import continuation_logits, tiny_llama
 from tests.reference import attention, keep_masks, masked_reference
 from zigzag import UnsupportedModelError, compress_cache, prefill_context
-from zigzag.needle import needle_prompt
+from zigzag.testing.needle import needle_prompt
 from zigzag.scorers import window_attention
 
 

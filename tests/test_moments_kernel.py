@@ -1,4 +1,4 @@
-"""The shifted second-moment kernel of ExpectedAttention's query statistics (zigzag._moments_kernel).
+"""The shifted second-moment kernel of ExpectedAttention's query statistics (zigzag.kernels.moments_triton).
 
 Without CUDA it runs in Triton's interpreter (float16 queries there: the interpreter's bfloat16
 rounding is not the GPU's); on CUDA it is compared with the PyTorch path of query_moments_half.
@@ -12,7 +12,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 import zigzag.api as api
-from zigzag._moments_kernel import shifted_second_moment
+from zigzag.kernels.moments_triton import shifted_second_moment
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

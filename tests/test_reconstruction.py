@@ -8,8 +8,8 @@ import torch
 
 from tests.conftest import tiny_llama
 from zigzag import compress_cache, prefill_context
-from zigzag.needle import needle_prompt
-from zigzag.reconstruction import Reconstruction, max_attention, reconstruction_scores
+from zigzag.testing.needle import needle_prompt
+from zigzag.pipeline.reconstruction import Reconstruction, max_attention, reconstruction_scores
 from zigzag.scorers import KVzip, get_scorer
 
 
@@ -83,7 +83,7 @@ def test_the_cache_is_left_exactly_as_it_was():
 
 def test_max_attention_blocks_give_the_same_maximum(monkeypatch):
     """Queries are taken in blocks bounded by PROBABILITY_BLOCK_ELEMENTS; the maximum cannot depend on it."""
-    from zigzag import reconstruction
+    from zigzag.pipeline import reconstruction
 
     batch, heads, kv_heads, n, context, head_dim = 2, 4, 2, 9, 13, 8
     length = context + n

@@ -8,7 +8,7 @@ import torch
 from tests.conftest import tiny_llama
 from zigzag import compress_cache, prefill_context
 from zigzag.merge import CosineMerge
-from zigzag.varlen import VarlenLayer
+from zigzag.cache.varlen import VarlenLayer
 
 
 def _batch(seed: int, vocab: int, lengths=(40, 29)) -> dict[str, torch.Tensor]:

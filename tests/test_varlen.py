@@ -14,11 +14,12 @@ import torch
 
 from tests.conftest import tiny_llama
 from tests.reference import attention, keep_masks, masked_reference
-from zigzag import prefill_context, varlen
+from zigzag import prefill_context
+from zigzag.cache import varlen
 from zigzag.api import build_layer, gather_kept
 from zigzag.cache import CompressedLayer, ZigZagCache, random_cache
 from zigzag.merge import CosineMerge
-from zigzag.varlen import VarlenKeys, VarlenLayer, segment_attention
+from zigzag.cache.varlen import VarlenKeys, VarlenLayer, segment_attention
 
 BACKENDS = ["segment", "flex_eager"]
 # The Triton kernels as well, in Triton's interpreter without CUDA (see tests/conftest.py).
@@ -240,7 +241,7 @@ def test_batch_selection_crop_and_kept_positions():
 
 
 def _batch(tok, lengths=(200, 140), seed=11):
-    from zigzag.needle import needle_prompt
+    from zigzag.testing.needle import needle_prompt
 
     prompts = [needle_prompt(tok, n, depth=0.4, seed=seed + i) for i, n in enumerate(lengths)]
     ctx = tok([p.context for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -342,7 +343,7 @@ def test_triton_step_state_follows_the_layer_and_the_mask(monkeypatch):
     repetition and crop, a new mask of the same shape, a mask written in place and a backend change:
     SDPA through the Triton kernel equals the segment path called with the mask cut by hand. A mask
     above the size limit is not kept after the call."""
-    from zigzag import varlen_kernel
+    from zigzag.kernels import varlen_triton as varlen_kernel
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(4)

@@ -1,4 +1,4 @@
-"""The Triton varlen kernels (zigzag.varlen_kernel) against a float64 reference, on fresh random inputs.
+"""The Triton varlen kernels (zigzag.kernels.varlen_triton) against a float64 reference, on fresh random inputs.
 
 Without CUDA they run in Triton's interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET);
 the products are then numpy's, so this checks the algorithm (splits, tail, masks, reduction), and the
@@ -11,7 +11,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from zigzag.varlen_kernel import split_chunk, varlen_attention
+from zigzag.kernels.varlen_triton import split_chunk, varlen_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -136,7 +136,7 @@ def test_merge_counters_are_left_zero_for_the_next_launch():
     """The last program of each segment merges the splits and zeroes its arrival counter; a second
     launch with a different layout must then merge correctly too (a counter left non-zero would make
     the wrong program merge, or none)."""
-    from zigzag.varlen_kernel import _counters
+    from zigzag.kernels.varlen_triton import _counters
 
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     for lengths in (torch.tensor([[300, 5, 0]]), torch.tensor([[7, 260, 64], [1, 0, 190]])):
@@ -171,7 +171,7 @@ def test_cuda_in_kernel_merge_has_no_race():
     """Many launches with many splits per segment, run concurrently on the GPU's multiprocessors: the
     atomic arrival count must let exactly the last program merge, after every split's partial result
     is visible. Compared with the PyTorch segment attention (float32) on fresh layouts each time."""
-    from zigzag.varlen import segment_attention
+    from zigzag.cache.varlen import segment_attention
 
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     for trial in range(40):
@@ -195,7 +195,7 @@ def test_cuda_in_kernel_merge_has_no_race():
 
 def test_launch_hooks_send_launches_through_triton():
     """A profiler's launch hooks (Triton's HookChain) must see every launch: the direct path steps aside."""
-    from zigzag import varlen_kernel
+    from zigzag.kernels import varlen_triton as varlen_kernel
 
     runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
     if runtime is None or not hasattr(runtime.launch_enter_hook, "add"):
@@ -214,7 +214,7 @@ def test_launch_argument_order_is_the_kernels():
     """The direct launch passes arguments by position: its name lists must follow the kernel's signature."""
     import inspect
 
-    from zigzag import varlen_kernel as vk
+    from zigzag.kernels import varlen_triton as vk
 
     params = list(inspect.signature(getattr(vk._varlen_kernel, "fn", vk._varlen_kernel)).parameters)
     ints = list(vk._INT_NAMES)
@@ -229,7 +229,7 @@ def test_direct_launch_passes_what_triton_was_given(monkeypatch):
     kept kernel's launcher with the same arguments, pointers as integers, on the current stream. A
     misaligned pointer or a launch hook sends it through Triton again. Stand-ins for CUDA and for the
     compiled kernel, so that this runs on the CPU too."""
-    from zigzag import varlen_kernel as vk
+    from zigzag.kernels import varlen_triton as vk
 
     class CudaLike(torch.Tensor):  # a tensor that says it is on CUDA, and nothing else
         __torch_function__ = torch._C._disabled_torch_function_impl
@@ -277,7 +277,7 @@ def test_direct_launch_passes_what_triton_was_given(monkeypatch):
 
 
 def test_split_scratch_is_shared_per_stream_when_small(monkeypatch):
-    from zigzag import varlen_kernel as vk
+    from zigzag.kernels import varlen_triton as vk
 
     monkeypatch.setattr(vk, "_scratch", {})
     device = torch.device(DEVICE)

@@ -19,15 +19,16 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from zigzag._hf import decoder_of, forward_hooks, query_projection, rope_fn, rotate_half, tf32_matmuls
-from zigzag._triton import KernelSwitch
+from zigzag.kernels.precision import tf32_matmuls
+from zigzag.pipeline.hf import decoder_of, forward_hooks, query_projection, rope_fn, rotate_half
+from zigzag.kernels.switch import KernelSwitch
 from zigzag.budget import BudgetAllocator, get_budget, layer_mean_budgets
 from zigzag.cache import CompressedLayer, ZigZagCache
-from zigzag.gather import gather_split
+from zigzag.kernels.gather import gather_split
 from zigzag.merge import get_merge
-from zigzag.reconstruction import Reconstruction, reconstruction_scores
+from zigzag.pipeline.reconstruction import Reconstruction, reconstruction_scores
 from zigzag.scorers import LayerView, Scorer, get_scorer, window_mass_sum
-from zigzag.varlen import VarlenLayer, heads_differ
+from zigzag.cache.varlen import VarlenLayer, heads_differ
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -192,14 +193,14 @@ _MOMENTS_SWITCH = KernelSwitch("query moments", "ZIGZAG_MOMENTS_BACKEND")
 
 def set_moments_backend(name: str) -> None:
     """How :func:`query_moments_half` takes the shifted second moments: ``"auto"`` (default: a Triton
-    kernel, :mod:`zigzag._moments_kernel`, for CUDA queries with ``head_dim <= 128``), ``"torch"`` (the
+    kernel, :mod:`zigzag.kernels.moments_triton`, for CUDA queries with ``head_dim <= 128``), ``"torch"`` (the
     shifted copy and a batched matmul: the reference) or ``"triton"``. Also ``ZIGZAG_MOMENTS_BACKEND``."""
     _MOMENTS_SWITCH.set(name)
 
 
 @functools.cache
 def _moments_kernel():
-    from zigzag import _moments_kernel
+    from zigzag.kernels import moments_triton as _moments_kernel
 
     return _moments_kernel
 
@@ -276,7 +277,7 @@ class Prefill:
         scalings: per layer, the attention softmax scale.
         reconstruction: how the context was repeated for :class:`~zigzag.scorers.KVzip`, or None.
         reconstruction_scores: per layer, ``(batch, kv_heads, seq)`` float32 reconstruction scores
-            (:mod:`zigzag.reconstruction`); empty when ``reconstruction`` is None.
+            (:mod:`zigzag.pipeline.reconstruction`); empty when ``reconstruction`` is None.
     """
 
     cache: DynamicCache
@@ -415,7 +416,7 @@ def prefill_context(
         query_stats_skip: sink tokens left out of the pre-RoPE query statistics (ExpectedAttention);
             None to skip the statistics.
         reconstruction: also repeat the context this way and keep the scores
-            (:mod:`zigzag.reconstruction`; what :class:`~zigzag.scorers.KVzip` reads); None to skip.
+            (:mod:`zigzag.pipeline.reconstruction`; what :class:`~zigzag.scorers.KVzip` reads); None to skip.
         progress: show a progress bar over the reconstruction's chunks.
 
     Returns:
@@ -425,7 +426,7 @@ def prefill_context(
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         raise ValueError(f"window must be a non-negative int; got {window!r}")
     if reconstruction is not None and not isinstance(reconstruction, Reconstruction):
-        raise TypeError(f"reconstruction must be a zigzag.reconstruction.Reconstruction or None; got {type(reconstruction).__name__}")
+        raise TypeError(f"reconstruction must be a zigzag.pipeline.reconstruction.Reconstruction or None; got {type(reconstruction).__name__}")
     device = next(model.parameters()).device
     ctx = _as_context(inputs, device)
     config = model.config
@@ -537,7 +538,7 @@ def keep_best(ranked: torch.Tensor, budgets: torch.Tensor) -> tuple[torch.Tensor
 
 def gather_kept(keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values ``(batch, kv_heads, seq, head_dim)`` at ``kept (batch, kv_heads, n)``, zeros on -1:
-    two ``(batch, kv_heads, n, head_dim)`` tensors (one launch on CUDA, :func:`zigzag.gather.gather_split`)."""
+    two ``(batch, kv_heads, n, head_dim)`` tensors (one launch on CUDA, :func:`zigzag.kernels.gather.gather_split`)."""
     return gather_split(keys, values, kept)[:2]
 
 
@@ -564,7 +565,7 @@ def build_layer(
     Returns:
         A dense :class:`~zigzag.cache.CompressedLayer` ``(batch, kv_heads, n, head_dim)`` when, in every
         row, all KV heads keep the same number of tokens (uniform per-layer budgets: unchanged, as
-        fast as before). Otherwise (head-wise budgets, AdaKV) a :class:`~zigzag.varlen.VarlenLayer`
+        fast as before). Otherwise (head-wise budgets, AdaKV) a :class:`~zigzag.cache.varlen.VarlenLayer`
         that stores exactly the kept slots, so memory is the sum of the per-head budgets instead of
         the widest head times the head count.
     """

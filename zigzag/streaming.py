@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from zigzag._hf import decoder_of, forward_hooks, query_projection, rope_fn, rotate_half
+from zigzag.pipeline.hf import decoder_of, forward_hooks, query_projection, rope_fn, rotate_half
 from zigzag.api import (
     _as_context,
     _check_model,
@@ -47,10 +47,10 @@ from zigzag.api import (
 )
 from zigzag.budget import BudgetAllocator, Uniform, get_budget, layer_mean_budgets
 from zigzag.cache import CompressedLayer, ZigZagCache
-from zigzag.gather import gather_split
+from zigzag.kernels.gather import gather_split
 from zigzag.merge import get_merge
 from zigzag.scorers import LayerView, Scorer, get_scorer
-from zigzag.varlen import VarlenLayer, heads_differ
+from zigzag.cache.varlen import VarlenLayer, heads_differ
 
 
 @dataclass

@@ -168,7 +168,7 @@ num_stages``); all compile for sm_90 without spills. Other head sizes time the d
 def logits_sweep(layer: LayerView, repeats: int, sync) -> None:
     """Median time of the logits step alone: ExpectedAttention's PyTorch loop, then the Triton kernel at
     its default and at each of :data:`SWEEP_CONFIGS`, all with TF32 products, on the same weights."""
-    from zigzag._hf import tf32_matmuls
+    from zigzag.kernels.precision import tf32_matmuls
 
     keys = layer.keys
     batch, kv_heads, seq, head_dim = keys.shape

@@ -11,12 +11,12 @@ loop (synchronised once at the end) is its host cost:
 * ``sdpa``: one dense ``scaled_dot_product_attention`` launch (GQA), the floor;
 * ``dense layer step``: a uniform-budget :class:`~zigzag.cache.CompressedLayer`'s ``update`` then SDPA
   through its key subclass, as the model calls them;
-* ``varlen layer step``: the same on a head-wise :class:`~zigzag.varlen.VarlenLayer` (Triton kernel);
-* ``varlen attend``: what the layer calls for one step, :func:`zigzag.varlen_kernel.attend` over the
-  layer's kept :class:`~zigzag.varlen_kernel.Prefix` (argument assembly and launch);
+* ``varlen layer step``: the same on a head-wise :class:`~zigzag.cache.varlen.VarlenLayer` (Triton kernel);
+* ``varlen attend``: what the layer calls for one step, :func:`zigzag.kernels.varlen_triton.attend` over the
+  layer's kept :class:`~zigzag.kernels.varlen_triton.Prefix` (argument assembly and launch);
 * ``varlen_attention``: the kernel's public wrapper, which also builds the prefix on each call;
 * ``triton launch`` / ``direct launch``: the kernel launched through ``JITFunction.run`` or through the
-  cached launcher (:func:`zigzag.varlen_kernel.launch`) with the same arguments.
+  cached launcher (:func:`zigzag.kernels.varlen_triton.launch`) with the same arguments.
 
 Prints one table of microseconds per call (median of ``--repeats`` loops).
 
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from benchmarks.perf.revisions import import_source, source_at
 from zigzag.cache import CompressedLayer
-from zigzag.varlen import VarlenLayer
+from zigzag.cache.varlen import VarlenLayer
 
 
 def per_call_us(fn, calls: int, repeats: int, sync) -> float:
@@ -62,7 +62,7 @@ def per_call_us(fn, calls: int, repeats: int, sync) -> float:
 
 
 def components(args) -> None:
-    import zigzag.varlen_kernel as vk
+    import zigzag.kernels.varlen_triton as vk
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -162,8 +162,8 @@ def _decode(stack: list, steps: int, query: torch.Tensor, step_kv: torch.Tensor,
 
 def compare(args) -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend on CPU tensors; nothing is launched
-    import zigzag.varlen as varlen_here
-    import zigzag.varlen_kernel as kernel_here
+    import zigzag.cache.varlen as varlen_here
+    import zigzag.kernels.varlen_triton as kernel_here
 
     torch.set_num_threads(1)
     heads, kv_heads, d, n = 32, 8, 128, 256

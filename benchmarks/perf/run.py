@@ -45,7 +45,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from zigzag import compress_cache
-from zigzag.varlen import VarlenLayer, get_backend
+from zigzag.cache.varlen import VarlenLayer, get_backend
 
 GIB = 2**30
 
@@ -359,7 +359,7 @@ def compare_decode(model, caches: dict, batch: int, rounds: int, steps: int, met
 def heads_section(rows, meter, model, ids, *, ratio: float, reps: int, batches: list[int], rounds: int, steps: int) -> None:
     """Head-wise budgets against uniform ones (issue 6): the one-row caches of every budget in
     :data:`HEAD_BUDGETS` are built first (prefill timed), then decoded, interleaved, at each batch.
-    ``varlen_layers`` counts each cache's :class:`~zigzag.varlen.VarlenLayer` layers: random weights
+    ``varlen_layers`` counts each cache's :class:`~zigzag.cache.varlen.VarlenLayer` layers: random weights
     can give every KV head the same budget, and such a cache is dense like uniform's."""
     prefill, caches = {}, {}
     for budget in HEAD_BUDGETS:

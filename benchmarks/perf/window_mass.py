@@ -22,8 +22,8 @@ import argparse
 import torch
 
 from benchmarks.perf.run import median_ms
-from zigzag._hf import tf32_matmuls
-from zigzag._triton import triton_runs_on
+from zigzag.kernels.precision import tf32_matmuls
+from zigzag.kernels.switch import triton_runs_on
 from zigzag.scorers import set_mass_backend, window_mass_sum
 
 SWEEP = [None, (64, 256, 64, 128, 8), (64, 128, 32, 128, 4), (64, 128, 64, 128, 4), (64, 128, 128, 128, 8), (64, 64, 64, 128, 4)]
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     def run(backend: str, config=None) -> torch.Tensor:
         with tf32_matmuls():
             if config is not None:
-                from zigzag.scorers._mass_kernel import window_mass_sum as kernel
+                from zigzag.kernels.mass_triton import window_mass_sum as kernel
 
                 return kernel(queries, keys, None, scaling, precision="tf32", config=config)
             set_mass_backend(backend)

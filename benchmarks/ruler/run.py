@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from benchmarks.ruler.tasks import TASKS, Sample, generate_task, score_output
 from zigzag import get_budget, get_scorer, prefill_context
 from zigzag.merge import CosineMerge
-from zigzag.reconstruction import DEFAULT_PROMPT, Reconstruction
+from zigzag.pipeline.reconstruction import DEFAULT_PROMPT, Reconstruction
 from zigzag.scorers import with_reconstruction
 
 MERGE_MODES = {"off": None, "cosine": CosineMerge(), "cosine+mass": CosineMerge(preserve_mass=True)}
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     from accelerate import PartialState
 
     from benchmarks.ruler.report import write_report
-    from zigzag.models import load_smollm2
+    from zigzag.testing.models import load_smollm2
 
     args = parse_args(argv)
     # Without CUDA, accelerate only forms a process group (gloo) when told it runs on the CPU.

@@ -97,7 +97,7 @@ def _next_logits(model, cache, length):
 
 def test_interleaved_decode_alternates_and_leaves_varlen_caches_as_they_were(monkeypatch, one_thread):
     from zigzag import compress_cache
-    from zigzag.varlen import VarlenLayer
+    from zigzag.cache.varlen import VarlenLayer
 
     model = perf.build_model(perf.tiny_config(512), "cpu", torch.float32)
     ids = torch.randint(10, 256, (1, 96), generator=torch.Generator().manual_seed(1))

@@ -570,7 +570,7 @@ def test_cuda_matches_reference(backend, dtype):
 def test_triton_search_matches_torch_at_scale(dtype):
     pytest.importorskip("triton")
     from zigzag.merge.chunked import best_match_torch, gather_survivors
-    from zigzag.merge.triton_kernel import best_match_triton
+    from zigzag.merge.triton import best_match_triton
 
     case = build_case(5, batch=2, kv_heads=8, seq=3000, head_dim=128, pad=True).to(dtype)
     keys, values, kept, valid = (t.cuda() for t in case.args)
@@ -596,7 +596,7 @@ def test_triton_search_kernel_in_the_interpreter(dtype):
         pytest.skip("the GPU tests run the compiled kernel")
     pytest.importorskip("triton")
     from zigzag.merge.chunked import best_match_torch, gather_survivors
-    from zigzag.merge.triton_kernel import best_match_triton
+    from zigzag.merge.triton import best_match_triton
 
     case = build_case(int(torch.randint(0, 10_000, ())), batch=2, kv_heads=2, seq=300, head_dim=32, pad=True).to(dtype)
     surv = gather_survivors(*case.args)
@@ -614,7 +614,7 @@ def test_triton_search_kernel_in_the_interpreter(dtype):
 @pytest.mark.gpu
 def test_triton_op_has_a_fake_implementation():
     pytest.importorskip("triton")
-    from zigzag.merge.triton_kernel import cosine_best_match
+    from zigzag.merge.triton import cosine_best_match
 
     keys = torch.randn(1, 2, 100, 64, device="cuda", dtype=torch.bfloat16)
     surv = torch.randn(1, 2, 30, 64, device="cuda", dtype=torch.bfloat16)

@@ -1,4 +1,4 @@
-"""ExpectedAttention's Triton logits kernel (zigzag.scorers._ea_kernel) against float64 and the torch path.
+"""ExpectedAttention's Triton logits kernel (zigzag.kernels.ea_triton) against float64 and the torch path.
 
 Without CUDA the kernel runs in Triton's interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET), with IEEE float32 products: this checks the indexing, masking, column blocks and
@@ -15,9 +15,9 @@ import torch
 triton = pytest.importorskip("triton")
 
 import zigzag.scorers.expected_attention as ea
-from zigzag._hf import tf32_matmuls, tf32_matmuls_enabled
+from zigzag.kernels.precision import tf32_matmuls, tf32_matmuls_enabled
 from zigzag.scorers import ExpectedAttention
-from zigzag.scorers._ea_kernel import group_logits
+from zigzag.kernels.ea_triton import group_logits
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -1,4 +1,4 @@
-"""The window-mass Triton kernel (zigzag.scorers._mass_kernel) against float64 and the torch path.
+"""The window-mass Triton kernel (zigzag.kernels.mass_triton) against float64 and the torch path.
 
 Without CUDA the kernel runs in Triton's interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET): this checks the row layout, the key splits and their merge, the causal and padding
@@ -14,7 +14,7 @@ triton = pytest.importorskip("triton")
 
 import zigzag.scorers._window as window_module
 from zigzag.scorers import SnapKV, window_mass_sum
-from zigzag.scorers._mass_kernel import window_mass_sum as kernel_mass
+from zigzag.kernels.mass_triton import window_mass_sum as kernel_mass
 from zigzag.scorers.base import LayerView
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -3,7 +3,7 @@
 :class:`CosineMerge` is the method (a dataclass of hyperparameters with a ``merge`` method);
 :func:`merge_reference` is the plain float64 definition and :func:`merge_chunked` the blocked,
 memory-bounded PyTorch path. On CUDA with ``triton`` installed, the similarity search runs as a fused
-kernel (:mod:`zigzag.merge.triton_kernel`, imported only when used). Torch only: nothing here imports
+kernel (:mod:`zigzag.merge.triton`, imported only when used). Torch only: nothing here imports
 other zigzag modules.
 """
 

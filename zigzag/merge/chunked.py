@@ -7,7 +7,7 @@ accumulators. Blocks run over *positions*, not over the ragged evicted list: kep
 positions in a block are computed and then masked out, which avoids per-head gathers.
 
 The search step (:func:`best_match_torch`) is the only part with ``seq x n`` work; the Triton kernel in
-:mod:`zigzag.merge.triton_kernel` replaces just that step and reuses the rest of this module.
+:mod:`zigzag.merge.triton` replaces just that step and reuses the rest of this module.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from zigzag._triton import triton_importable
+from zigzag.kernels.switch import triton_importable
 from zigzag.merge.base import MergeResult, check_merge_args
 from zigzag.merge.chunked import merge_chunked
 
@@ -88,7 +88,7 @@ class CosineMerge:
                 raise RuntimeError(
                     "backend='triton' needs CUDA tensors and an importable triton; use backend='auto' or 'torch'"
                 )
-            from zigzag.merge.triton_kernel import merge_triton
+            from zigzag.merge.triton import merge_triton
 
             return merge_triton(keys, values, kept, valid, self.threshold, self.fraction, self.chunk_size)
         return merge_chunked(keys, values, kept, valid, self.threshold, self.fraction, self.chunk_size)

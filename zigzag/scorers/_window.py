@@ -11,8 +11,8 @@ import functools
 
 import torch
 
-from zigzag._hf import tf32_matmuls_enabled
-from zigzag._triton import KernelSwitch
+from zigzag.kernels.precision import tf32_matmuls_enabled
+from zigzag.kernels.switch import KernelSwitch
 from zigzag.scorers.base import LayerView
 
 _MASS_SWITCH = KernelSwitch("window mass", "ZIGZAG_MASS_BACKEND")
@@ -106,7 +106,7 @@ def set_mass_backend(name: str) -> None:
     """Choose how :func:`window_mass_sum` runs (also ``ZIGZAG_MASS_BACKEND``, read at import).
 
     Args:
-        name: ``"auto"`` (default: the Triton kernel of :mod:`zigzag.scorers._mass_kernel` for CUDA
+        name: ``"auto"`` (default: the Triton kernel of :mod:`zigzag.kernels.mass_triton` for CUDA
             inputs it takes, else PyTorch), ``"torch"`` (always :func:`window_attention` and a sum:
             the reference, for A/B timings) or ``"triton"`` (always the kernel: CUDA, or CPU tensors
             under ``TRITON_INTERPRET=1``).
@@ -116,8 +116,8 @@ def set_mass_backend(name: str) -> None:
 
 @functools.cache
 def _mass_kernel():
-    """:mod:`zigzag.scorers._mass_kernel`, imported on first use (it imports triton)."""
-    from zigzag.scorers import _mass_kernel
+    """:mod:`zigzag.kernels.mass_triton`, imported on first use (it imports triton)."""
+    from zigzag.kernels import mass_triton as _mass_kernel
 
     return _mass_kernel
 
@@ -132,7 +132,7 @@ def window_mass_sum(
     valid window queries gives their mean. On CUDA (see :func:`set_mass_backend`) a Triton kernel
     computes it without writing the ``(batch, heads, window, seq)`` logits: half-precision products
     are exact in float32 either way, and float32 inputs are multiplied in TF32 exactly when
-    PyTorch's matmuls are (:func:`zigzag._hf.tf32_matmuls`).
+    PyTorch's matmuls are (:func:`zigzag.pipeline.hf.tf32_matmuls`).
     """
     batch, heads, window, head_dim = queries.shape
     kv_heads = keys.shape[1] if keys.dim() == 4 else 1

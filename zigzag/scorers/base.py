@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 
 if TYPE_CHECKING:
-    from zigzag.reconstruction import Reconstruction
+    from zigzag.pipeline.reconstruction import Reconstruction
 
 RopeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """Maps positions ``(batch, n)`` (long) to ``(cos, sin)``, each ``(batch, n, head_dim)``, using the
@@ -43,7 +43,7 @@ class LayerView:
         padded: False when ``valid`` is known to be all True (no padding, no empty slot), so that
             window attention can skip its padding mask; True when it may hold False.
         reconstruction_scores: ``(batch, kv_heads, seq)`` float32, the largest attention each token got
-            while the model repeated the context (:mod:`zigzag.reconstruction`), or None when no
+            while the model repeated the context (:mod:`zigzag.pipeline.reconstruction`), or None when no
             scorer asked for them.
     """
 
@@ -84,7 +84,7 @@ class Scorer(Protocol):
         needs_query_stats: whether it needs ``query_mean``/``query_cov`` (pre-RoPE) and ``rope``.
         query_stats_skip: leading valid tokens left out of those statistics (attention sinks).
 
-    Optional attribute: ``reconstruction`` (a :class:`zigzag.reconstruction.Reconstruction`), when the
+    Optional attribute: ``reconstruction`` (a :class:`zigzag.pipeline.reconstruction.Reconstruction`), when the
     scorer reads ``LayerView.reconstruction_scores``; absent or None otherwise.
     """
 

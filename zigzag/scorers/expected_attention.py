@@ -8,8 +8,8 @@ from typing import ClassVar
 
 import torch
 
-from zigzag._hf import tf32_matmuls_enabled
-from zigzag._triton import KernelSwitch
+from zigzag.kernels.precision import tf32_matmuls_enabled
+from zigzag.kernels.switch import KernelSwitch
 from zigzag.scorers._window import group_mean, raise_protected
 from zigzag.scorers.base import LayerView
 
@@ -39,8 +39,8 @@ def _use_kernel(keys: torch.Tensor) -> bool:
 
 @functools.cache
 def _kernel():
-    """:mod:`zigzag.scorers._ea_kernel`, imported on first use (it imports triton)."""
-    from zigzag.scorers import _ea_kernel
+    """:mod:`zigzag.kernels.ea_triton`, imported on first use (it imports triton)."""
+    from zigzag.kernels import ea_triton as _ea_kernel
 
     return _ea_kernel
 
@@ -67,7 +67,7 @@ class ExpectedAttention:
     averaged over the query heads of each KV group, and, if ``use_vnorm``, the score is
     ``(p + epsilon) * ||v||``. The first ``n_sink`` tokens (positions ``< n_sink``) are lifted
     above every other token (always kept). Memory: about ``heads * min(seq, 4096) * head_dim`` floats at once
-    on the PyTorch path; for CUDA keys a Triton kernel (:mod:`zigzag.scorers._ea_kernel`, see
+    on the PyTorch path; for CUDA keys a Triton kernel (:mod:`zigzag.kernels.ea_triton`, see
     :func:`set_backend`) computes ``z`` from the keys in place and needs only the logits.
 
     Parameters

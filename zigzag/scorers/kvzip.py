@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from zigzag.reconstruction import Reconstruction
+from zigzag.pipeline.reconstruction import Reconstruction
 from zigzag.scorers.base import LayerView, ScorerWrapper
 
 
@@ -19,7 +19,7 @@ class KVzip:
     Reconstruction", Kim et al., 2025).
 
     The scores come from a second forward pass over the context that the pipeline runs after the
-    prefill (:func:`zigzag.reconstruction.reconstruction_scores`, configured by ``reconstruction``):
+    prefill (:func:`zigzag.pipeline.reconstruction.reconstruction_scores`, configured by ``reconstruction``):
     a token's score is the largest softmax probability any repeated token's query, in any query head
     of its KV group, gives it. It reads no observation window, so the question may come later.
 
@@ -41,7 +41,7 @@ class KVzip:
     def __post_init__(self) -> None:
         if not isinstance(self.reconstruction, Reconstruction):
             raise TypeError(
-                f"reconstruction must be a zigzag.reconstruction.Reconstruction; got {type(self.reconstruction).__name__}"
+                f"reconstruction must be a zigzag.pipeline.reconstruction.Reconstruction; got {type(self.reconstruction).__name__}"
             )
 
     def score(self, layer: LayerView) -> torch.Tensor:

@@ -6,12 +6,12 @@ marked ``-1`` in :attr:`CompressedLayer.kept_positions` and never attended. Toke
 compression are appended as in a plain `DynamicCache`.
 
 With head-wise budgets (some row's KV heads keep different counts) :func:`zigzag.api.build_layer`
-builds a :class:`zigzag.varlen.VarlenLayer` instead, which stores exactly the kept slots, flat.
+builds a :class:`zigzag.cache.varlen.VarlenLayer` instead, which stores exactly the kept slots, flat.
 
 Positions continue from the original, uncompressed length: the cache reports that length (plus what
 was appended) as its sequence length, so `model.generate` feeds the next tokens at the right RoPE
 positions, and it reports mask sizes that make transformers build the mask of the appended tokens
-only. :mod:`zigzag.attention` supplies the rest of each layer's mask.
+only. :mod:`zigzag.cache.attention` supplies the rest of each layer's mask.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from zigzag.attention import MASK_LOOKBACK, RaggedKeys
+from zigzag.cache.attention import MASK_LOOKBACK, RaggedKeys
 
 
 class CompressedLayer(DynamicLayer):
@@ -173,7 +173,7 @@ class ZigZagCache(DynamicCache):
     def kept_positions(self) -> list[torch.Tensor]:
         """Per layer ``(batch, kv_heads, kept)`` long: ``input_ids`` columns kept, ascending; -1 = empty slot.
 
-        ``kept`` is the widest head's budget. A varlen layer (:class:`~zigzag.varlen.VarlenLayer`, head-wise
+        ``kept`` is the widest head's budget. A varlen layer (:class:`~zigzag.cache.varlen.VarlenLayer`, head-wise
         budgets) stores no such padded index: it rebuilds this one from its flat index on each access."""
         return [layer.kept_positions for layer in self.layers]
 
@@ -200,7 +200,7 @@ def random_cache(
         batch, kv_heads, head_dim: the cache's shape (Llama-3.1-8B: ``kv_heads=8, head_dim=128``).
         budgets: ``(batch, num_layers, kv_heads)`` long, tokens kept by each row, layer and KV head.
         dtype, device: of the keys and values.
-        layout: ``"varlen"`` (every layer a :class:`~zigzag.varlen.VarlenLayer`: memory = the sum of the
+        layout: ``"varlen"`` (every layer a :class:`~zigzag.cache.varlen.VarlenLayer`: memory = the sum of the
             budgets), ``"dense"`` (every layer a :class:`CompressedLayer` ``(batch, kv_heads, widest,
             head_dim)``, shorter heads padded with masked empty slots), or ``"auto"`` (what
             :func:`zigzag.api.build_layer` would choose: varlen for a layer whose heads differ in some row).
@@ -214,7 +214,7 @@ def random_cache(
         the mean budget per head (floored). Continue with ``model(input_ids=..., attention_mask=ones(batch,
         original_length + new), position_ids=..., past_key_values=cache)`` or ``model.generate``.
     """
-    from zigzag.varlen import VarlenLayer  # here: zigzag.varlen imports this module
+    from zigzag.cache.varlen import VarlenLayer  # here: zigzag.cache.varlen imports this module
 
     if layout not in ("auto", "varlen", "dense"):
         raise ValueError(f"layout must be 'auto', 'varlen' or 'dense'; got {layout!r}")

@@ -29,8 +29,8 @@ It covers the two places where stock attention meets the mask:
 If a model's attention reaches the keys some other way, the mask shapes disagree and PyTorch raises,
 so an unsupported path fails loudly instead of attending to empty slots.
 
-Layers with head-wise budgets store no padded prefix at all (:mod:`zigzag.varlen`); their keys come as
-:class:`zigzag.varlen.VarlenKeys`, which intercept the same two places the same way but compute the
+Layers with head-wise budgets store no padded prefix at all (:mod:`zigzag.cache.varlen`); their keys come as
+:class:`zigzag.cache.varlen.VarlenKeys`, which intercept the same two places the same way but compute the
 prefix's share of attention themselves and combine it with the appended tokens by log-sum-exp.
 """
 

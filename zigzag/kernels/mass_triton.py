@@ -30,7 +30,7 @@ L`` (0 where masked), and sum the ``W`` rows of each query head of the block.
 
 **Precision.** Half-precision inputs go to ``tl.dot`` as they are: their products are exact in float32
 (what the PyTorch path gets from float32 copies under TF32, whose mantissa holds theirs). When either
-is float32 (the pipeline's window queries are), both are, with ``precision`` (``"tf32"`` as PyTorch's matmul under :func:`zigzag._hf.tf32_matmuls`, or
+is float32 (the pipeline's window queries are), both are, with ``precision`` (``"tf32"`` as PyTorch's matmul under :func:`zigzag.pipeline.hf.tf32_matmuls`, or
 ``"ieee"``). Accumulation, exponentials and sums are float32.
 """
 

@@ -26,7 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from zigzag._hf import decoder_of, forward_hooks, query_projection, rope_fn, rotate_half, tf32_matmuls
+from zigzag.kernels.precision import tf32_matmuls
+from zigzag.pipeline.hf import decoder_of, forward_hooks, query_projection, rope_fn, rotate_half
 
 DEFAULT_PROMPT = "\n\nRepeat the previous context exactly.\n"
 """The text between the context and its repeat that :meth:`Reconstruction.from_text` tokenizes."""

@@ -1,7 +1,7 @@
 """Varlen attention for CUDA in one Triton kernel: split-KV partial softmaxes merged in place.
 
-Imported lazily by :mod:`zigzag.varlen` for its ``"triton"`` backend (CUDA tensors and ``triton``
-present). It computes what :func:`zigzag.varlen.segment_attention` and the dense-tail combination
+Imported lazily by :mod:`zigzag.cache.varlen` for its ``"triton"`` backend (CUDA tensors and ``triton``
+present). It computes what :func:`zigzag.cache.varlen.segment_attention` and the dense-tail combination
 compute, with no Python work that grows with the number of segments or slots, no host sync, and the
 query, tail and mask read in place (strided), so a decoding step costs one kernel launch per layer.
 Decoding an 8B model at small batch is bound by the host, so the host side is kept short too: a varlen

@@ -1,4 +1,4 @@
-"""Keys and values of chosen tokens, copied in one Triton launch (imported lazily by :mod:`zigzag.gather`).
+"""Keys and values of chosen tokens, copied in one Triton launch (imported lazily by :mod:`zigzag.kernels.gather`).
 
 Program ``(block of BLOCK_N ranks, batch * kv_heads)``: read the token indices of its ranks, then for
 keys and values read each token's ``head_dim`` row and write it to the first output (ranks below
@@ -69,7 +69,7 @@ def _gather_kernel(
 def gather_split(
     keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, width: int, extra: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """See :func:`zigzag.gather.gather_split` (same contract; arguments already checked there)."""
+    """See :func:`zigzag.kernels.gather.gather_split` (same contract; arguments already checked there)."""
     batch, kv_heads, src_n, head_dim = keys.shape
     n = index.shape[-1]
     device, dtype = keys.device, keys.dtype

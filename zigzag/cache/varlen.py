@@ -24,9 +24,9 @@ softmaxes, each with its log-sum-exp, combined as
     out = out_prefix * exp(lse_prefix - lse) + out_tail * exp(lse_tail - lse)
 
 The tail is ordinary attention under the model's own mask (causal and padding), which transformers
-builds for the appended tokens only (see :mod:`zigzag.attention`). Three backends compute the attention:
+builds for the appended tokens only (see :mod:`zigzag.cache.attention`). Three backends compute the attention:
 
-* ``"triton"`` (the default on CUDA): one Triton kernel (:mod:`zigzag.varlen_kernel`), split-KV
+* ``"triton"`` (the default on CUDA): one Triton kernel (:mod:`zigzag.kernels.varlen_triton`), split-KV
   partial softmaxes over every segment's slots and the tail, merged by log-sum-exp in the same launch.
   Reads the query, tail and mask in place, no host sync, one launch per layer whatever the number of
   heads.
@@ -46,7 +46,7 @@ builds for the appended tokens only (see :mod:`zigzag.attention`). Three backend
 Choose with :func:`set_backend` or the ``ZIGZAG_VARLEN_BACKEND`` environment variable.
 
 Under the model's own attention code the layer returns its tail keys as :class:`VarlenKeys`, a tensor
-subclass that, like :class:`~zigzag.attention.RaggedKeys`, intercepts SDPA and eager's
+subclass that, like :class:`~zigzag.cache.attention.RaggedKeys`, intercepts SDPA and eager's
 ``matmul -> scale -> + mask -> softmax -> matmul`` through ``__torch_function__`` and adds the prefix
 there. Nothing is patched.
 """
@@ -61,8 +61,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
-from zigzag._triton import triton_runs_on
-from zigzag.attention import (
+from zigzag.kernels.switch import triton_runs_on
+from zigzag.cache.attention import (
     _ADD_OPS,
     _KEY_VIEW_OPS,
     _MATMUL_OPS,
@@ -99,8 +99,8 @@ def set_backend(name: str) -> None:
 
 @functools.cache
 def _triton_kernels():
-    """:mod:`zigzag.varlen_kernel`, imported on first use (it imports triton)."""
-    from zigzag import varlen_kernel
+    """:mod:`zigzag.kernels.varlen_triton`, imported on first use (it imports triton)."""
+    from zigzag.kernels import varlen_triton as varlen_kernel
 
     return varlen_kernel
 
@@ -483,7 +483,7 @@ class VarlenLayer(DynamicLayer):
         return self._backend_resolved
 
     def _triton_prefix(self):
-        """The prefix as the Triton kernel takes it (:class:`zigzag.varlen_kernel.Prefix`), built on first
+        """The prefix as the Triton kernel takes it (:class:`zigzag.kernels.varlen_triton.Prefix`), built on first
         use and kept until the index or the prefix tensors change."""
         kept = self._kernel_prefix
         if (

@@ -1,7 +1,7 @@
 """Copy the keys and values of chosen tokens, per (row, KV head): the copy every compression ends with.
 
 :func:`gather_split` is what :func:`zigzag.api.gather_kept` and the streaming prefill use. On CUDA a
-Triton kernel (:mod:`zigzag._gather_kernel`) does keys and values in one launch and writes the
+Triton kernel (:mod:`zigzag.kernels.gather_triton`) does keys and values in one launch and writes the
 rank-major layout directly; elsewhere, or with ``set_gather_backend("torch")``, :func:`gather_split_torch`
 (``torch.gather``) does, and is the reference the kernel is tested against (the results are equal
 bit for bit: both only copy).
@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from zigzag._triton import KernelSwitch
+from zigzag.kernels.switch import KernelSwitch
 
 _SWITCH = KernelSwitch("gather", "ZIGZAG_GATHER_BACKEND")
 
@@ -27,7 +27,7 @@ def set_gather_backend(name: str) -> None:
 
 @functools.cache
 def _kernel():
-    from zigzag import _gather_kernel
+    from zigzag.kernels import gather_triton as _gather_kernel
 
     return _gather_kernel
 

@@ -175,7 +175,7 @@ def test_cuda_random_varlen_cache_frees_memory_and_equals_dense():
 def test_cuda_half_query_moments_match_float64(dtype):
     """The half-precision moments (exact products, float32 sums, no float32 copy) against float64, on
     queries with a large mean (the cancellation case), with padding and skipped sinks."""
-    from zigzag.api import query_moments_half
+    from zigzag.kernels.moments import query_moments_half
 
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     batch, seq, heads, d = 2, 3000, 4, 64
@@ -200,7 +200,8 @@ def test_cuda_half_query_moments_match_float64(dtype):
 def test_cuda_half_query_moments_without_padding_skip_the_mask(dtype):
     """Without padding the capture passes the columns after the sinks as a slice and no mask: the same
     moments as the masked path, and within the queries' precision of float64."""
-    from zigzag.api import _QueryCapture, query_moments_half
+    from zigzag.api import _QueryCapture
+    from zigzag.kernels.moments import query_moments_half
 
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     batch, seq, heads, d, skip = 2, 2500, 4, 64, 4

@@ -11,7 +11,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-import zigzag.api as api
+import zigzag.kernels.moments as moments
 from zigzag.kernels.moments_triton import shifted_second_moment
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,9 +46,9 @@ def test_kernel_matches_float64(batch, seq, heads, head_dim, weighted, strided):
 
 def test_backend_switch(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
-        api.set_moments_backend("cuda")
-    monkeypatch.setattr(api._MOMENTS_SWITCH, "name", "auto")
-    assert not api._MOMENTS_SWITCH.use_kernel(torch.device("cpu"), True)
+        moments.set_moments_backend("cuda")
+    monkeypatch.setattr(moments._MOMENTS_SWITCH, "name", "auto")
+    assert not moments._MOMENTS_SWITCH.use_kernel(torch.device("cpu"), True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -64,7 +64,7 @@ def test_query_moments_through_the_kernel_match_the_torch_path(monkeypatch, mask
         count = use.sum(-1)[:, None, None]
     out = {}
     for backend in ("torch", "triton"):
-        monkeypatch.setattr(api._MOMENTS_SWITCH, "name", backend)
-        out[backend] = api.query_moments_half(q, use, count)
+        monkeypatch.setattr(moments._MOMENTS_SWITCH, "name", backend)
+        out[backend] = moments.query_moments_half(q, use, count)
     torch.testing.assert_close(out["triton"][0], out["torch"][0], atol=0, rtol=0)  # the mean is not the kernel's
     torch.testing.assert_close(out["triton"][1], out["torch"][1], atol=1e-5, rtol=1e-5)  # sums in another order

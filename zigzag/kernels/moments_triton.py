@@ -1,4 +1,4 @@
-"""Second moments of shifted queries in one Triton pass (imported lazily by :func:`zigzag.api.query_moments_half`).
+"""Second moments of shifted queries in one Triton pass (imported lazily by :func:`zigzag.kernels.moments.query_moments_half`).
 
 For each (row, query head), with ``c_t = round_to_dtype(q_t - s)`` (the shift ``s`` is the mean
 rounded to the queries' dtype, as in the PyTorch path)::

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.cli import HelpFormatter
 from zigzag.merge import CosineMerge
 
 
@@ -159,18 +160,19 @@ def bench_layer(T: int, args, config, device: torch.device, dtype: torch.dtype) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.merge_bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument(
-        "--lengths", type=int, nargs="+", default=None, help="context lengths T (default 32768 131072; CPU: 512 2048)"
+        "--lengths", type=int, nargs="+", default=None, help="context lengths T (None: 32768 131072; on the CPU 512 2048)"
     )
-    parser.add_argument("--ratio", type=float, default=0.5, help="fraction of the cache removed (default 0.5)")
+    parser.add_argument("--ratio", type=float, default=0.5, help="fraction of the cache removed")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--chunk-size", type=int, default=None, help="positions per similarity block (default: auto)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before the timed ones")
+    parser.add_argument("--chunk-size", type=int, default=None, help="positions per similarity block (None: chosen from the length)")
     parser.add_argument("--tiny", action="store_true", help="tiny model shape (the default on CPU)")
     parser.add_argument("--with-model", action="store_true", help="also build the random-weight model on the device")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here (None: print only)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.ratio < 1.0:
         parser.error(f"--ratio must be in [0, 1) (fraction removed); got {args.ratio}")

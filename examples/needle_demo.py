@@ -25,15 +25,19 @@ def full_cache_bytes(model, seq: int) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * seq * head_dim * model.dtype.itemsize
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default and keeps the docstring's layout."""
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--tokens", type=int, default=3000, help="haystack length in tokens")
     parser.add_argument("--ratio", type=float, default=0.75, help="fraction of the cache removed")
-    parser.add_argument("--scorer", default="expected_attention")
+    parser.add_argument("--scorer", default="expected_attention", help="scorer name (zigzag.scorers)")
     parser.add_argument("--pool", type=int, default=5, help="span pooling kernel (1 = off); see benchmarks/RESULTS.md")
-    parser.add_argument("--budget", default="zigzag")
+    parser.add_argument("--budget", default="zigzag", help="budget name (zigzag.budget); uniform is also run, for comparison")
     parser.add_argument("--depth", type=float, default=0.5, help="needle depth, 0 = start, 1 = end")
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=7, help="seed of the needle and its haystack")
     args = parser.parse_args()
 
     model, tok = load_smollm2(dtype=torch.float32)

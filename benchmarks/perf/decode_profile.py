@@ -19,6 +19,7 @@ import pstats
 
 import torch
 
+from benchmarks.cli import HelpFormatter
 from benchmarks.perf.run import (
     Meter,
     _decode_steps,
@@ -59,13 +60,13 @@ def top_functions(stats: pstats.Stats, steps: int, rows: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--length", type=int, default=8192)
-    parser.add_argument("--budgets", default="uniform,adakv")
-    parser.add_argument("--scorer", default="expected_attention")
-    parser.add_argument("--ratio", type=float, default=0.5)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rows", type=int, default=18)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.perf.decode_profile", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--length", type=int, default=8192, help="context length compressed before decoding")
+    parser.add_argument("--budgets", default="uniform,adakv", help="comma list of budget names, profiled one after the other")
+    parser.add_argument("--scorer", default="expected_attention", help="scorer name")
+    parser.add_argument("--ratio", type=float, default=0.5, help="fraction of the cache removed")
+    parser.add_argument("--steps", type=int, default=20, help="decoding steps run under cProfile")
+    parser.add_argument("--rows", type=int, default=18, help="functions listed, most own time first")
     parser.add_argument("--tiny", action="store_true", help="toy model on the CPU (checks the script)")
     args = parser.parse_args(argv)
     device = "cpu" if args.tiny else "cuda"

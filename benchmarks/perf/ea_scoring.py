@@ -34,6 +34,7 @@ import torch
 
 import zigzag.scorers.expected_attention as ea
 from benchmarks.perf.revisions import import_source, source_at
+from benchmarks.cli import HelpFormatter
 from benchmarks.perf.run import median_ms
 from zigzag import ExpectedAttention
 from zigzag.api import score_layer
@@ -85,16 +86,16 @@ def random_layer(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq", type=int, default=8192)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cpu")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.perf.ea_scoring", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--seq", type=int, default=8192, help="keys in the layer (context length)")
+    parser.add_argument("--heads", type=int, default=32, help="query heads")
+    parser.add_argument("--kv-heads", type=int, default=8, help="KV heads")
+    parser.add_argument("--head-dim", type=int, default=128, help="dimension of a head")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the layer")
+    parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--baseline", default="HEAD", help="git revision of the scorer to compare against")
-    parser.add_argument("--baseline-file", type=Path, default=None, help="the baseline scorer's source file instead of git")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--baseline-file", type=Path, default=None, help="the baseline scorer's source file instead of git (None: use --baseline)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls of each; the median is printed")
     parser.add_argument(
         "--backends", action="store_true", help="the working tree's torch path (baseline) against its Triton kernel"
     )

@@ -42,6 +42,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from benchmarks.cli import HelpFormatter
 from benchmarks.perf.revisions import import_source, source_at
 from zigzag.cache import CompressedLayer
 from zigzag.cache.varlen import VarlenLayer
@@ -206,12 +207,12 @@ def compare(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.perf.host_overhead", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--slots", type=int, default=1024, help="cached tokens per KV head")
-    parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=2000, help="calls timed per component and repeat")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats per component; the median is printed")
     parser.add_argument("--device", default="cuda", help="cuda; cpu runs the kernel in Triton's interpreter (a check)")
-    parser.add_argument("--compare", metavar="REV", help="time this tree's varlen layer step against revision REV")
+    parser.add_argument("--compare", metavar="REV", help="time this tree's varlen layer step against revision REV (None: no comparison)")
     parser.add_argument("--layers", type=int, default=4, help="--compare: layers per decoding step")
     parser.add_argument("--rounds", type=int, default=40, help="--compare: interleaved rounds")
     parser.add_argument("--steps", type=int, default=100, help="--compare: decoding steps per round")

@@ -41,6 +41,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.cli import HelpFormatter
 from benchmarks.perf.run import (
     Meter,
     build_model,
@@ -255,11 +256,11 @@ def case_report(name: str, prof: Profile, wall_s: float, plain: Profile, plain_w
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--length", type=int, default=32768)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.perf.profile", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--length", type=int, default=32768, help="context length in tokens")
     parser.add_argument("--cases", default="knorm/uniform,expected_attention/uniform,expected_attention/zigzag",
                         help="comma-separated scorer/budget pairs")
-    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--ratio", type=float, default=0.5, help="fraction of the cache removed")
     parser.add_argument("--reps", type=int, default=3, help="unprofiled runs for the wall-time medians")
     parser.add_argument("--rows", type=int, default=25, help="rows of the per-operator difference")
     parser.add_argument("--kernel-rows", type=int, default=8, help="rows of the per-kernel difference")

@@ -44,6 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from benchmarks.cli import HelpFormatter
 from zigzag import compress_cache
 from zigzag.cache.varlen import VarlenLayer, get_backend
 
@@ -414,20 +415,20 @@ def largest_batch(model, ids, meter, limit: int, **kwargs) -> tuple[int, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.perf", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--lengths", default="32768,131072", help="context lengths for overhead/merge/heads")
-    parser.add_argument("--sections", default="overhead,merge,heads,chunked,batch")
-    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--sections", default="overhead,merge,heads,chunked,batch", help="comma list of the sections to run (see above)")
+    parser.add_argument("--ratio", type=float, default=0.5, help="fraction of the cache removed (overhead, merge, heads)")
     parser.add_argument("--decode-steps", type=int, default=20, help="decode steps timed per row (all sections but heads)")
     parser.add_argument("--decode-batches", default="1,8", help="heads: decode batches (the one-row cache repeated)")
     parser.add_argument("--decode-rounds", type=int, default=5, help="heads: interleaved rounds per cache and batch")
     parser.add_argument("--round-steps", type=int, default=10, help="heads: decode steps timed per round")
-    parser.add_argument("--chunk-size", type=int, default=16384)
+    parser.add_argument("--chunk-size", type=int, default=16384, help="chunked: tokens per prefill chunk")
     parser.add_argument("--long-length", type=int, default=524288, help="chunked: a context too long to fit uncompressed")
-    parser.add_argument("--batch-length", type=int, default=32768)
-    parser.add_argument("--batch-limit", type=int, default=512)
+    parser.add_argument("--batch-length", type=int, default=32768, help="batch: context length of each row")
+    parser.add_argument("--batch-limit", type=int, default=512, help="batch: largest batch tried")
     parser.add_argument("--tiny", action="store_true", help="toy model on the CPU: checks the script, measures nothing")
-    parser.add_argument("--out", default="results/perf")
+    parser.add_argument("--out", default="results/perf", help="output folder (perf.jsonl)")
     args = parser.parse_args(argv)
 
     device = "cpu" if args.tiny else "cuda"

@@ -21,6 +21,7 @@ import argparse
 
 import torch
 
+from benchmarks.cli import HelpFormatter
 from benchmarks.perf.run import median_ms
 from zigzag.kernels.precision import tf32_matmuls
 from zigzag.kernels.switch import triton_runs_on
@@ -35,17 +36,17 @@ def _warm_median(fn, repeats: int, sync) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seq", type=int, default=32768)
-    parser.add_argument("--window", type=int, default=64)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="keys")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.perf.window_mass", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--seq", type=int, default=32768, help="keys in the layer (context length)")
+    parser.add_argument("--window", type=int, default=64, help="last queries whose attention mass is summed")
+    parser.add_argument("--heads", type=int, default=32, help="query heads")
+    parser.add_argument("--kv-heads", type=int, default=8, help="KV heads")
+    parser.add_argument("--head-dim", type=int, default=128, help="dimension of a head")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="dtype of the keys")
     parser.add_argument("--query-dtype", default="float32", choices=["bfloat16", "float16", "float32"],
-                        help="queries (the pipeline's window queries are float32)")
-    parser.add_argument("--repeats", type=int, default=20)
+                        help="dtype of the queries (the pipeline's window queries are float32)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per backend; the median is printed")
     parser.add_argument("--sweep", action="store_true", help="also time the kernel at a few tile configurations")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -13,6 +13,7 @@ import argparse
 from collections import defaultdict
 from pathlib import Path
 
+from benchmarks.cli import HelpFormatter
 from benchmarks.ruler.report import load_records, summarize
 
 
@@ -29,12 +30,12 @@ def pick(out_dir: Path, budget_prefix: str = "", ratios=(0.5, 0.75), task: str =
     return (*best, complete[best])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--budget-prefix", default="")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ruler.pick", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("out_dir", type=Path, help="folder of a development run (its samples.rank*.jsonl)")
+    parser.add_argument("--budget-prefix", default="", help="only budgets whose name starts with this ('': all)")
     parser.add_argument("--task", default="core5", help="core5, avg (smoke runs with fewer tasks) or one task")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     scorer, budget, merge, score = pick(args.out_dir, args.budget_prefix, task=args.task)
     print(scorer, budget, merge, f"{score:.2f}")
 

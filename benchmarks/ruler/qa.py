@@ -37,6 +37,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from ..cli import HelpFormatter
 from .common import Sample, unit_tokens
 from .prose import truncate
 
@@ -168,7 +169,8 @@ def fetch_disfl_qa(dest: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="qa_1 data (BIG-bench disfl_qa) for the RULER-style benchmark.")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ruler.qa", description="qa_1 data (BIG-bench disfl_qa) for the RULER-style benchmark.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--fetch", action="store_true", help=f"download {PACKAGE} with pip and keep disfl_qa")
     args = parser.parse_args(argv)
     path = disfl_qa_path()

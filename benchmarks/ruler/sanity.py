@@ -15,6 +15,7 @@ import torch
 
 from zigzag import load_smollm2
 
+from ..cli import HelpFormatter
 from .tasks import TASKS, generate_task, score_output, user_message
 
 # New tokens per task: a 7-digit number is 7 tokens; a UUID about 25; lists of values or words need more.
@@ -31,15 +32,17 @@ MAX_NEW_TOKENS = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ruler.sanity", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument(
-        "--tasks", nargs="+", default=["niah_single_1", "niah_single_2", "niah_multikey_1"], choices=TASKS
+        "--tasks", nargs="+", default=["niah_single_1", "niah_single_2", "niah_multikey_1"], choices=TASKS,
+        metavar="TASK", help=f"tasks to run, uncompressed ({', '.join(TASKS)})",
     )
-    parser.add_argument("--samples", type=int, default=5)
-    parser.add_argument("--length", type=int, default=4096)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default=None, help="a Hugging Face folder (default: the packaged SmolLM2)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--samples", type=int, default=5, help="samples per task")
+    parser.add_argument("--length", type=int, default=4096, help="target prompt length in tokens")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated samples")
+    parser.add_argument("--model", default=None, help="a Hugging Face folder or .gguf file (None: the packaged SmolLM2)")
+    parser.add_argument("--device", default="cpu", help="torch device")
     args = parser.parse_args(argv)
 
     model, tok = load_smollm2(path=args.model, device=args.device)

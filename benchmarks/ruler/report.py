@@ -13,8 +13,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-# The five tasks the uncompressed SmolLM2-135M-Instruct can do at 4k (NOTES.md): the reference
-# library's averages are over these.
+# The five tasks the uncompressed SmolLM2-135M-Instruct can do at 4k (20 development samples each;
+# it scores 0-36 on the others): the reference library's averages are over these.
 CORE_TASKS = ("niah_single_1", "niah_single_2", "niah_multikey_1", "niah_multivalue", "niah_multiquery")
 
 
@@ -77,6 +77,14 @@ def rank_settings(rows: list[dict], protocol: str, task: str = "core5") -> list[
     return sorted(lines.items(), key=lambda kv: (-_mean(kv[1].values()), kv[0]))
 
 
+def _panel_task(rows: list[dict], protocol: str, task: str) -> str:
+    """``task``, or ``avg`` when ``task`` is ``core5`` and no compressed setting of ``protocol`` has a
+    core5 score (fewer than the five core tasks ran)."""
+    if task == "core5" and not any(r["protocol"] == protocol and r["task"] == "core5" and r["scorer"] != "none" for r in rows):
+        return "avg"
+    return task
+
+
 def plot_accuracy(rows: list[dict], path: Path, task: str = "core5", top: int | None = 8) -> dict[str, dict]:
     """Accuracy vs ratio, one panel per protocol, one line per (scorer, budget, merge) setting.
 
@@ -85,8 +93,12 @@ def plot_accuracy(rows: list[dict], path: Path, task: str = "core5", top: int | 
     the same in every panel; line style and marker = merge mode, so the merge modes of one setting share
     a colour. Each panel has its own legend, best line first.
 
-    Returns, per protocol, the panel's title, its drawn lines (label, colour, linestyle, marker, x, y,
-    read back from the axes) and its legend labels."""
+    A panel never comes out blank: when ``task`` is ``core5`` and no setting of a protocol ran all five
+    core tasks (a smoke run, or a sweep of some tasks only), that panel plots ``avg``, the average
+    of the tasks each setting ran, and its title names them.
+
+    Returns, per protocol, the panel's title, the task it plotted (``task`` or ``avg``), its drawn
+    lines (label, colour, linestyle, marker, x, y, read back from the axes) and its legend labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +106,8 @@ def plot_accuracy(rows: list[dict], path: Path, task: str = "core5", top: int | 
     from matplotlib.colors import to_hex
 
     protocols = sorted({r["protocol"] for r in rows})
-    ranked = {protocol: rank_settings(rows, protocol, task) for protocol in protocols}
+    plotted = {protocol: _panel_task(rows, protocol, task) for protocol in protocols}
+    ranked = {protocol: rank_settings(rows, protocol, plotted[protocol]) for protocol in protocols}
     shown = {protocol: lines[:top] if top else lines for protocol, lines in ranked.items()}
     # Colours by (scorer, budget) in order of first appearance (panel by panel, best first).
     pairs: list[tuple] = []
@@ -114,7 +127,8 @@ def plot_accuracy(rows: list[dict], path: Path, task: str = "core5", top: int | 
     fig, axes = plt.subplots(1, len(protocols), figsize=(6.5 * len(protocols), 5.0 + 0.22 * longest), squeeze=False, sharey=True)
     drawn: dict[str, dict] = {}
     for ax, protocol in zip(axes[0], protocols):
-        base = [r["score"] for r in rows if r["protocol"] == protocol and r["task"] == task and r["scorer"] == "none"]
+        shown_task = plotted[protocol]
+        base = [r["score"] for r in rows if r["protocol"] == protocol and r["task"] == shown_task and r["scorer"] == "none"]
         if base:
             ax.axhline(base[0], color="black", lw=1.2, label=f"no compression ({base[0]:.1f})")
         for (scorer, budget, merge), by_ratio in shown[protocol]:
@@ -124,7 +138,12 @@ def plot_accuracy(rows: list[dict], path: Path, task: str = "core5", top: int | 
                     label=f"{scorer} / {budget} / merge {merge} (mean {_mean(ys):.1f})")
         n_all, n_shown = len(ranked[protocol]), len(shown[protocol])
         which = f"top {n_shown} of {n_all} settings by mean score" if n_shown < n_all else f"all {n_all} settings"
-        ax.set_title(f"{protocol}: {task} average ({which})", fontsize=10)
+        if shown_task == task:
+            ax.set_title(f"{protocol}: {task} average ({which})", fontsize=10)
+        else:
+            ran = sorted({r["task"] for r in rows if r["protocol"] == protocol} - {"avg", "core5"})
+            ax.set_title(f"{protocol}: average of the {len(ran)} task{'s' if len(ran) != 1 else ''} that ran, fewer than the {len(CORE_TASKS)} core tasks\n"
+                         f"({', '.join(ran)}; {which})", fontsize=10)
         ax.set_xlabel("compression ratio (fraction removed)")
         ax.grid(alpha=0.3)
         legend = ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False,
@@ -133,13 +152,16 @@ def plot_accuracy(rows: list[dict], path: Path, task: str = "core5", top: int | 
                            title_fontsize=7.5)
         drawn[protocol] = {
             "title": ax.get_title(),
+            "task": shown_task,
             "lines": [{"label": ln.get_label(), "color": to_hex(ln.get_color()), "linestyle": ln.get_linestyle(),
                        "marker": ln.get_marker(), "x": list(ln.get_xdata()), "y": list(ln.get_ydata())} for ln in ax.get_lines()],
             "legend": [t.get_text() for t in legend.get_texts()],
         }
     axes[0][0].set_ylabel("score (x100)")
     if top:
-        fig.suptitle(f"RULER {task}: per protocol, the top {top} settings by mean score over the ratios they ran "
+        kinds = set(plotted.values())
+        what = task if kinds == {task} else "average of the tasks that ran" if kinds == {"avg"} else f"{task} or, where it did not run, the average of the tasks that ran"
+        fig.suptitle(f"RULER {what}: per protocol, the top {top} settings by mean score over the ratios they ran "
                      "(summary.csv has all)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=130, bbox_inches="tight")

@@ -103,3 +103,58 @@ def test_plot_top_keeps_the_best_settings_by_mean_and_summary_keeps_all(tmp_path
 def test_plot_top_must_not_be_negative(tmp_path):
     with pytest.raises(SystemExit):
         report.main([str(tmp_path), "--plot-top", "-1"])
+
+
+def _fewer_tasks_run(out: Path, tasks: tuple[str, ...]) -> Path:
+    """A run of ``tasks`` only (fewer than the five core tasks), per-task scores differing."""
+    out.mkdir()
+    with open(out / "samples.rank0.jsonl", "w") as f:
+        for protocol in ("agnostic", "aware"):
+            for scorer, budget, scores in [("none", "none", {0.0: 80.0}), ("ea", "uniform", {0.5: 60.0, 0.75: 40.0}),
+                                           ("knorm", "zigzag", {0.5: 30.0})]:
+                for ratio, score in scores.items():
+                    for i, task in enumerate(tasks):
+                        f.write(json.dumps({
+                            "task": task, "index": 0, "protocol": protocol, "setting": f"{scorer}|{budget}|{ratio:g}|off",
+                            "scorer": scorer, "budget": budget, "ratio": ratio, "merge": "off", "score": score - 10 * i,
+                        }) + "\n")
+    return out
+
+
+def test_with_fewer_than_the_core_tasks_the_plot_shows_their_average(tmp_path):
+    tasks = ("niah_single_1", "niah_single_2")
+    rows = summarize(load_records(_fewer_tasks_run(tmp_path / "run", tasks)))
+    assert not [r for r in rows if r["task"] == "core5"]  # no core5 average exists ...
+    drawn = plot_accuracy(rows, tmp_path / "acc.png", task="core5", top=8)
+    assert (tmp_path / "acc.png").stat().st_size > 0
+    for panel in drawn.values():  # ... so each panel plots the average of the two tasks, and says so
+        assert panel["task"] == "avg"
+        assert "average of the 2 tasks that ran" in panel["title"]
+        assert "niah_single_1, niah_single_2" in panel["title"]
+        by_label = {ln["label"].split(" (")[0]: ln for ln in panel["lines"]}
+        assert by_label["no compression"]["y"] == [75.0, 75.0]  # the reference line: mean of 80 and 70
+        assert by_label["ea / uniform / merge off"]["x"] == [0.5, 0.75]
+        assert by_label["ea / uniform / merge off"]["y"] == [55.0, 35.0]
+        assert by_label["knorm / zigzag / merge off"]["y"] == [25.0]
+        assert panel["legend"] == [ln["label"] for ln in panel["lines"]]
+
+
+def test_with_the_core_tasks_the_plot_stays_on_core5(tmp_path):
+    rows = summarize(load_records(_fake_run(tmp_path / "run")))
+    drawn = plot_accuracy(rows, tmp_path / "acc.png", task="core5", top=None)
+    for panel in drawn.values():
+        assert panel["task"] == "core5" and panel["title"].startswith(f"{panel['title'].split(':')[0]}: core5 average")
+
+
+def test_report_main_never_writes_a_blank_plot_for_a_partial_run(tmp_path, monkeypatch):
+    out = _fewer_tasks_run(tmp_path / "run", ("niah_multikey_1",))
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(plot_accuracy(*args, **kwargs))
+        return seen
+
+    monkeypatch.setattr(report, "plot_accuracy", spy)
+    report.main([str(out)])
+    assert seen and all(len(panel["lines"]) == 1 + 2 for panel in seen.values())
+    assert all("average of the 1 task that ran" in panel["title"] for panel in seen.values())

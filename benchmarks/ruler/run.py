@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     from accelerate import PartialState
 
     from benchmarks.ruler.report import write_report
-    from zigzag.testing.models import load_smollm2
+    from zigzag.testing.models import load_model, load_smollm2
 
     args = parse_args(argv)
     # Without CUDA, accelerate only forms a process group (gloo) when told it runs on the CPU.
@@ -230,7 +230,10 @@ def main(argv: list[str] | None = None) -> None:
         log.warning("seed %d is a development seed: do not report these numbers", args.seed)
     device = state.device
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model, tok = load_smollm2(dtype=dtype, device=str(device), path=args.model_path)
+    if args.model_path is None:
+        model, tok = load_smollm2(dtype=dtype, device=str(device))
+    else:
+        model, tok = load_model(args.model_path, dtype=dtype, device=str(device))
 
     args.out.mkdir(parents=True, exist_ok=True)
     if state.is_main_process:

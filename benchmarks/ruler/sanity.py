@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from zigzag import load_smollm2
+from zigzag.testing.models import load_model, load_smollm2
 
 from ..cli import HelpFormatter
 from .tasks import TASKS, generate_task, score_output, user_message
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="torch device")
     args = parser.parse_args(argv)
 
-    model, tok = load_smollm2(path=args.model, device=args.device)
+    model, tok = load_smollm2(device=args.device) if args.model is None else load_model(args.model, device=args.device)
     for task in args.tasks:
         scores = []
         for sample in generate_task(task, tok, args.length, args.samples, args.seed):

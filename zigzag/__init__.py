@@ -7,7 +7,7 @@
 from zigzag.api import Prefill, UnsupportedModelError, prefill_context
 from zigzag.budget import BUDGETS, Pyramid, Uniform, ZigZag, get_budget
 from zigzag.cache import CompressedLayer, ZigZagCache
-from zigzag.testing.models import load_smollm2
+from zigzag.testing.models import load_model, load_smollm2
 from zigzag.scorers import (
     SCORERS,
     TOVA,
@@ -41,6 +41,7 @@ __all__ = [
     "compress_cache",
     "get_budget",
     "get_scorer",
+    "load_model",
     "load_smollm2",
     "prefill_context",
 ]

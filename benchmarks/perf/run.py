@@ -6,19 +6,19 @@ Sections (``--sections``), each a list of rows in ``perf.jsonl`` and a table pri
 
 * ``overhead``: plain prefill against prefill + compression (ratio 0.5) with knorm / snapkv /
   expected_attention scores and uniform / zigzag budgets: seconds, peak memory above the weights,
-  KV bytes kept, decode ms/token on the result (issue 5; NOTES.md has the reference library's row).
-* ``merge``: hard eviction against merge-on-evict with the same scorer (knorm) and budgets (issue 4).
-* ``heads``: head-wise budgets (adakv, zigzag_heads) against uniform budgets of the same total
-  (issue 6). The three caches are built first, from one row; decode is then timed at each batch of
+  KV bytes kept, decode ms/token on the result.
+* ``merge``: hard eviction against merge-on-evict with the same scorer (knorm) and budgets.
+* ``heads``: head-wise budgets (adakv, zigzag_heads) against uniform budgets of the same total.
+  The three caches are built first, from one row; decode is then timed at each batch of
   ``--decode-batches`` on copies repeated to that many rows, in rounds that alternate between the
   caches so that drift (clocks, host load) hits all alike. One row per method and batch: ``batch`` is
   the decode batch, ``prefill_s`` / ``peak_gib`` / ``kv_gib`` are those of the one-row cache,
   ``speed_vs_uniform`` is uniform's median ms/step over the method's (null where out of memory), and
   ``gpu_busy_share`` tells whether that batch is bound by the GPU (near 1) or by the host.
 * ``chunked``: chunked prefill (``chunk_size``) against one pass, and a context longer than what fits
-  uncompressed (issue 5).
+  uncompressed.
 * ``batch``: the largest decode batch whose cache fits at ``--batch-length`` tokens, uncompressed and
-  at ratios 0.5 / 0.875, with tokens/s at that batch (issue 5).
+  at ratios 0.5 / 0.875, with tokens/s at that batch.
 
 Speed does not depend on the weights, so random weights of the real shape measure it faithfully;
 accuracy needs real weights (benchmarks/ruler). ``--tiny`` runs a toy model on the CPU to check the
@@ -358,7 +358,7 @@ def compare_decode(model, caches: dict, batch: int, rounds: int, steps: int, met
 
 
 def heads_section(rows, meter, model, ids, *, ratio: float, reps: int, batches: list[int], rounds: int, steps: int) -> None:
-    """Head-wise budgets against uniform ones (issue 6): the one-row caches of every budget in
+    """Head-wise budgets against uniform ones: the one-row caches of every budget in
     :data:`HEAD_BUDGETS` are built first (prefill timed), then decoded, interleaved, at each batch.
     ``varlen_layers`` counts each cache's :class:`~zigzag.cache.varlen.VarlenLayer` layers: random weights
     can give every KV head the same budget, and such a cache is dense like uniform's."""

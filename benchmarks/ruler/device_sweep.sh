@@ -6,7 +6,7 @@ out=${1:-results/ruler-4k}; seconds=${2:-540}
 common=(--length 4096 --samples 50 --batch-size 50 --seed 1000 --protocols agnostic,aware --no-plots --out "$out"
         --tasks niah_single_1,niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery)
 end=$((SECONDS + seconds))
-# 1. the grid of the issue: five scorers x three budgets x four ratios (plus the uncompressed baseline)
+# 1. the main grid: five scorers x three budgets x four ratios (plus the uncompressed baseline)
 timeout $((end - SECONDS)) python3 -m benchmarks.ruler "${common[@]}" \
   --scorers knorm,snapkv,expected_attention,tova,streaming_llm --budgets uniform,pyramid,zigzag --ratios 0.25,0.5,0.75,0.875
 # 2. the span-pooling ablation

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Third round (issues 4 and 6, and the query-aware protocol for issue 3's best ZigZag variant), on the
+# Third round (head-wise budgets, merge-on-evict, and the query-aware protocol for the best ZigZag variant), on the
 # reported seed, for the configuration the development run picked (expected_attention+pool25):
 #
 #   bash benchmarks/ruler/followup_sweep.sh OUT [SECONDS]
 #
 # in order of priority, each part resumable (run again with the same OUT to continue):
-# 1. head-wise budgets: adakv and zigzag_heads (issue 6), four ratios;
-# 2. merge-on-evict (issue 4): cosine, with uniform and zigzag+skip2 budgets, four ratios;
+# 1. head-wise budgets: adakv and zigzag_heads, four ratios;
+# 2. merge-on-evict: cosine, with uniform and zigzag+skip2 budgets, four ratios;
 # 3. the query-aware protocol for uniform and zigzag+skip2, four ratios.
 # OUT may hold the earlier rounds' records (same seed): the report then sets them side by side.
 set -uo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The reported sweep of the design variants (issue 3), chosen on the development run only.
+# The reported sweep of the design variants (second round), chosen on the development run only.
 #
 #   bash benchmarks/ruler/reported_sweep.sh DEV_DIR OUT [SECONDS]
 #

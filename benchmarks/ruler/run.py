@@ -3,7 +3,7 @@
     python -m benchmarks.ruler --length 4096 --samples 50 --seed 1000 --out results/ruler-4k
     accelerate launch --num_processes 2 -m benchmarks.ruler ...   # data parallel, same results
 
-Protocols (NOTES.md): ``agnostic`` compresses the context only; the question and the answer prefix
+Protocols: ``agnostic`` compresses the context only; the question and the answer prefix
 come after, at positions continuing from the original length. ``aware`` compresses the context and
 the question; only the end of the user turn and the answer prefix come after. The chat template is
 applied when the tokenizer has one.

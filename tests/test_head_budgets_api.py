@@ -69,7 +69,7 @@ def test_heads_really_differ_and_lmba_is_per_kv_head():
     valid = pre.context.valid
     for layer in range(3):
         mass = pre.window_mass(layer, 64)
-        assert torch.equal(lmba[:, layer], ZigZagHeads().measure_heads(mass, valid, 2).cpu())
+        assert torch.equal(lmba[:, layer], ZigZagHeads().measure(mass, valid, 2).cpu())
     assert all(len(set(budgets[b, 1].tolist())) > 1 for b in range(2))  # the sharpened KV head keeps fewer
 
 

@@ -9,7 +9,8 @@ import torch
 from tests.conftest import tiny_llama
 from zigzag import compress_cache, prefill_context
 from zigzag.testing.needle import needle_prompt
-from zigzag.pipeline.reconstruction import Reconstruction, max_attention, reconstruction_scores
+from zigzag.pipeline.reconstruction import max_attention, reconstruction_scores
+from zigzag.scorers import Reconstruction
 from zigzag.scorers import KVzip, get_scorer
 
 

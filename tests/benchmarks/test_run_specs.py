@@ -20,7 +20,7 @@ def test_suffixed_names_are_accepted_and_built():
 
 def test_kvzip_settings_get_the_runs_reconstruction_prompt():
     from benchmarks.ruler.run import reconstruction_for
-    from zigzag.pipeline.reconstruction import Reconstruction
+    from zigzag.scorers.kvzip import Reconstruction
 
     class Words:
         def encode(self, text, add_special_tokens=False):

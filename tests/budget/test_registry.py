@@ -5,15 +5,29 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zigzag.budget import BUDGETS, AdaKV, BudgetAllocator, Pyramid, Uniform, ZigZag, ZigZagHeads, get_budget
+from zigzag.budget import (
+    ALLOCATORS,
+    BUDGETS,
+    GRANULARITIES,
+    AdaKV,
+    BudgetAllocator,
+    Pyramid,
+    Uniform,
+    ZigZag,
+    ZigZagHeads,
+    get_budget,
+)
 
 
-def test_registry_contents() -> None:
-    assert BUDGETS == {
-        "uniform": Uniform, "pyramid": Pyramid, "zigzag": ZigZag, "adakv": AdaKV, "zigzag_heads": ZigZagHeads,
-    }
+def test_registry_is_built_from_the_class_names() -> None:
+    assert set(BUDGETS.values()) == set(ALLOCATORS)
     for name, cls in BUDGETS.items():
-        assert cls.name == name
+        assert cls.name == name and issubclass(cls, BudgetAllocator)
+        assert cls.granularity in GRANULARITIES
+        allocator = cls()
+        assert get_budget(name) == allocator
+        if allocator.needs_lmba:
+            assert isinstance(allocator.window, int) and allocator.window >= 1
 
 
 @pytest.mark.parametrize(("spec", "cls"), [("uniform", Uniform), ("PyramiD", Pyramid), (" ZigZag ", ZigZag)])
@@ -26,20 +40,53 @@ def test_objects_pass_through() -> None:
     z = ZigZag(tau=0.8)
     assert get_budget(z) is z
 
-    class Custom:
+    class Custom:  # the documented members, no base class
         name = "custom"
+        granularity = "layer"
         needs_lmba = False
 
         def allocate(self, avg_budget, seq_len, num_layers, lmba=None):
             return avg_budget[:, None].expand(-1, num_layers)
 
     c = Custom()
-    assert get_budget(c) is c and isinstance(c, BudgetAllocator)
+    assert get_budget(c) is c
     assert get_budget(c).allocate(torch.tensor([2]), torch.tensor([4]), 2).tolist() == [[2, 2]]
 
 
+def _custom(**members: object) -> object:
+    body = {"name": "custom", "granularity": "layer", "needs_lmba": False, "window": 8, **members}
+    body = {k: v for k, v in body.items() if v is not _ABSENT}
+    return type("Custom", (), {**body, "allocate": lambda self, avg, seq, layers, lmba=None: avg[:, None].expand(-1, layers)})()
+
+
+_ABSENT = object()
+
+
+@pytest.mark.parametrize(
+    ("members", "missing"),
+    [
+        ({"name": _ABSENT}, "name"),
+        ({"granularity": _ABSENT}, "granularity"),
+        ({"needs_lmba": _ABSENT}, "needs_lmba"),
+        ({"needs_lmba": True, "window": _ABSENT}, "window"),
+        ({"needs_lmba": True}, "measure"),
+        ({"granularity": "split"}, "split_heads"),
+    ],
+)
+def test_a_missing_member_is_named(members: dict, missing: str) -> None:
+    with pytest.raises(TypeError, match=f"has no attribute '{missing}'"):
+        get_budget(_custom(**members))
+
+
+def test_bad_members_are_named() -> None:
+    with pytest.raises(TypeError, match="granularity must be one of"):
+        get_budget(_custom(granularity="row"))
+    with pytest.raises(TypeError, match="window must be a positive int"):
+        get_budget(_custom(needs_lmba=True, window=0, measure=lambda self, a, v, k: a.sum(-1)))
+
+
 def test_unknown_name_lists_known_ones() -> None:
-    with pytest.raises(ValueError, match="unknown budget 'snapkv'; known budgets: adakv, pyramid, uniform, zigzag, zigzag_heads"):
+    with pytest.raises(ValueError, match="unknown budget 'snapkv'; known budgets: .*uniform.*zigzag"):
         get_budget("snapkv")
 
 

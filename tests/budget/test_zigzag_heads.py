@@ -162,24 +162,24 @@ def test_hand_example() -> None:
     assert out[0, 1, 1] == 20 and int(out.sum()) == 40
 
 
-def test_measure_heads_group_mass_and_mean() -> None:
+def test_measure_group_mass_and_mean() -> None:
     # One KV head with two query heads looking at different tokens: each alone needs 1 token, the
     # group's mean mass needs 2 (tau 0.9: 0.5 + 0.5).
     attn = torch.zeros(1, 2, 6)
     attn[0, 0, 1] = 1.0
     attn[0, 1, 4] = 1.0
-    assert ZigZagHeads().measure_heads(attn, None, 1).tolist() == [[2.0]]
-    assert ZigZagHeads(group="mean").measure_heads(attn, None, 1).tolist() == [[1.0]]
+    assert ZigZagHeads().measure(attn, None, 1).tolist() == [[2.0]]
+    assert ZigZagHeads(group="mean").measure(attn, None, 1).tolist() == [[1.0]]
     # GQA layout: query heads 0, 1 -> KV head 0; 2, 3 -> KV head 1.
     attn4 = torch.softmax(torch.randn(2, 4, 30), dim=-1)
-    got = ZigZagHeads().measure_heads(attn4, torch.ones(2, 30, dtype=torch.bool), 2)
+    got = ZigZagHeads().measure(attn4, torch.ones(2, 30, dtype=torch.bool), 2)
     want = lmba_per_head(attn4.reshape(2, 2, 2, 30).mean(2), None, 0.9).double()
     assert torch.equal(got, want)
 
 
 def test_registry_and_flags() -> None:
     z = get_budget("zigzag_heads")
-    assert isinstance(z, ZigZagHeads) and z.needs_lmba and z.head_wise and z.window == 64
+    assert isinstance(z, ZigZagHeads) and z.needs_lmba and z.granularity == "head" and z.window == 64
 
 
 @pytest.mark.parametrize(

@@ -2,14 +2,14 @@
 
 * :func:`apportion`: exact integer split of a total under floors and caps (water-filling + largest
   remainder); every allocator uses it.
-* :class:`BudgetAllocator`: the protocol (``name``, ``needs_lmba``, ``allocate``).
+* :class:`BudgetAllocator`: the base class and protocol (``name``, ``granularity``, ``needs_lmba``,
+  ``window``, ``options``, ``measure``, ``allocate``, ``split_heads``) and :func:`check_allocator`.
 * :class:`Uniform`, :class:`Pyramid` (PyramidKV, https://arxiv.org/abs/2406.02069),
   :class:`ZigZag` (ZigZagKV, https://arxiv.org/abs/2412.09036) and its statistic :func:`lmba`.
 * :class:`AdaKV` (https://arxiv.org/abs/2407.11550): uniform layers, budgets split across each
-  layer's KV heads by score (:func:`adakv_head_budgets`); allocators with ``split_heads`` do this.
+  layer's KV heads by score (:func:`adakv_head_budgets`): granularity ``"split"``.
 * :class:`ZigZagHeads` (``"zigzag_heads"``): Eq. 6 over layers x KV heads jointly, on per-KV-head
-  LMBA (:func:`zigzag_head_budgets`); allocators with ``head_wise = True`` return
-  ``(batch, L, kv_heads)`` budgets.
+  LMBA (:func:`zigzag_head_budgets`): granularity ``"head"``, ``(batch, L, kv_heads)`` budgets.
 * :data:`BUDGETS` and :func:`get_budget`: the registry. Names take options as ``+<option><value>``
   suffixes (:data:`BUDGET_OPTIONS`), e.g. ``"zigzag+skip2+cap2"`` or ``"zigzag_heads+gamma0.5"``.
 """
@@ -20,17 +20,19 @@ import re
 
 from zigzag.budget.adakv import AdaKV, adakv_head_budgets
 from zigzag.budget.apportion import apportion
-from zigzag.budget.base import BudgetAllocator, check_allocate_args
+from zigzag.budget.base import GRANULARITIES, BudgetAllocator, check_allocate_args, check_allocator
 from zigzag.budget.heads import ZigZagHeads, layer_mean_budgets, zigzag_head_budgets
 from zigzag.budget.pyramid import Pyramid
 from zigzag.budget.uniform import Uniform
 from zigzag.budget.zigzag import LMBA_REL_TOL, ZigZag, lmba, lmba_per_head
 
 __all__ = [
+    "ALLOCATORS",
     "BUDGETS",
     "BUDGET_OPTIONS",
     "LMBA_REL_TOL",
     "AdaKV",
+    "GRANULARITIES",
     "BudgetAllocator",
     "Pyramid",
     "Uniform",
@@ -39,6 +41,7 @@ __all__ = [
     "adakv_head_budgets",
     "apportion",
     "check_allocate_args",
+    "check_allocator",
     "get_budget",
     "layer_mean_budgets",
     "lmba",
@@ -46,31 +49,15 @@ __all__ = [
     "zigzag_head_budgets",
 ]
 
-BUDGETS: dict[str, type] = {
-    "uniform": Uniform,
-    "pyramid": Pyramid,
-    "zigzag": ZigZag,
-    "adakv": AdaKV,
-    "zigzag_heads": ZigZagHeads,
-}
+ALLOCATORS: tuple[type[BudgetAllocator], ...] = (Uniform, Pyramid, ZigZag, AdaKV, ZigZagHeads)
+"""Every allocator class zigzag ships; a new one is one file and one entry here."""
+
+BUDGETS: dict[str, type[BudgetAllocator]] = {cls.name: cls for cls in ALLOCATORS}
 """Registry: name -> allocator class (constructed with its defaults by :func:`get_budget`)."""
 
-_ZIGZAG_OPTIONS = {
-    "skip": ("skip_layers", int),
-    "gamma": ("gamma", float),
-    "cap": ("max_multiple", float),
-    "tau": ("tau", float),
-    "bound": ("bound_fraction", float),
-}
-BUDGET_OPTIONS: dict[str, dict[str, tuple[str, type]]] = {
-    "zigzag": _ZIGZAG_OPTIONS,
-    "zigzag_heads": _ZIGZAG_OPTIONS,
-    "pyramid": {"beta": ("beta", float)},
-    "adakv": {"alpha": ("alpha", float)},
-}
-"""Per registry name: suffix ``+<option><value>`` -> (constructor argument, type). E.g.
-``zigzag+skip2`` is ``ZigZag(skip_layers=2)``, ``zigzag+cap2`` is ``ZigZag(max_multiple=2.0)``,
-``zigzag+gamma0.5`` is ``ZigZag(gamma=0.5)``."""
+BUDGET_OPTIONS: dict[str, dict[str, tuple[str, type]]] = {cls.name: cls.options for cls in ALLOCATORS if cls.options}
+"""Per registry name: suffix ``+<option><value>`` -> (constructor argument, type), from each class's
+``options``. E.g. ``zigzag+skip2`` is ``ZigZag(skip_layers=2)``."""
 
 _OPTION = re.compile(r"^([a-z_]+?)(-?[0-9]+(?:\.[0-9]*)?(?:e-?[0-9]+)?)$")
 
@@ -100,20 +87,22 @@ def get_budget(spec: str | BudgetAllocator) -> BudgetAllocator:
     Args:
         spec: a registry name (case-insensitive, surrounding spaces ignored): one of :data:`BUDGETS`,
             built with default parameters, optionally followed by ``+<option><value>`` suffixes of
-            :data:`BUDGET_OPTIONS` (``"zigzag+skip2+cap2"``); or an allocator object (anything with
-            ``allocate`` and ``name``), returned as is.
+            :data:`BUDGET_OPTIONS` (``"zigzag+skip2+cap2"``); or an allocator object with the members
+            of :class:`BudgetAllocator` (checked by :func:`check_allocator`), returned as is.
 
     Raises:
         ValueError: unknown name or option (the message lists the known ones), or a bad option value.
-        TypeError: anything else, including an allocator *class* (pass an instance, e.g. ``ZigZag()``).
+        TypeError: anything else, including an allocator *class* (pass an instance, e.g. ``ZigZag()``),
+            or an object that lacks a member of the protocol (the message names it).
     """
     if isinstance(spec, str):
         return _parse(spec.strip().lower(), spec)
     if isinstance(spec, type):
         raise TypeError(f"budget must be a name or an allocator instance; got the class {spec.__name__} (call it)")
-    if callable(getattr(spec, "allocate", None)) and isinstance(getattr(spec, "name", None), str):
-        return spec
-    raise TypeError(
-        f"budget must be a name ({', '.join(sorted(BUDGETS))}) or an object with `allocate` and `name`; "
-        f"got {type(spec).__name__}"
-    )
+    if not callable(getattr(spec, "allocate", None)):
+        raise TypeError(
+            f"budget must be a name ({', '.join(sorted(BUDGETS))}) or an allocator object (see "
+            f"zigzag.budget.BudgetAllocator); got {type(spec).__name__}"
+        )
+    check_allocator(spec)
+    return spec

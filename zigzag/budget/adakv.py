@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from zigzag.budget.base import BudgetAllocator
 from zigzag.budget.uniform import Uniform
 
 
@@ -56,7 +57,7 @@ def adakv_head_budgets(scores: torch.Tensor, valid: torch.Tensor, layer_budget: 
 
 
 @dataclass(frozen=True)
-class AdaKV:
+class AdaKV(BudgetAllocator):
     """Uniform layer budgets, split across each layer's KV heads by :func:`adakv_head_budgets`.
 
     Parameters
@@ -68,6 +69,8 @@ class AdaKV:
     alpha: float = 0.2
 
     name: ClassVar[str] = "adakv"
+    granularity: ClassVar[str] = "split"
+    options: ClassVar[dict[str, tuple[str, type]]] = {"alpha": ("alpha", float)}
     needs_lmba: ClassVar[bool] = False
 
     def __post_init__(self) -> None:

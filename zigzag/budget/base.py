@@ -1,40 +1,77 @@
-"""The contract every budget allocator keeps: per-row average budget in, per-layer token budgets out.
+"""The contract every budget allocator keeps: per-row average budget in, token budgets out.
 
-An allocator never sees a model or a cache. The pipeline computes, for each row ``b`` of the batch,
-``avg_budget[b] = int((1 - ratio) * T_b)`` from the row's unpadded length ``T_b`` and the
-compression ratio, measures whatever per-layer statistic the allocator declares it needs
-(``needs_lmba``), and calls :meth:`BudgetAllocator.allocate`. The budget of a layer applies to every
-KV head of that layer.
+An allocator never sees a model or a cache. The pipeline (:mod:`zigzag.pipeline.plan`) computes, for
+each row ``b`` of the batch, ``avg_budget[b]`` (``floor((1 - ratio) * T_b)`` from the row's unpadded
+length ``T_b``, exactly), measures the statistic the allocator declares it needs (``needs_lmba``),
+calls :meth:`BudgetAllocator.allocate`, and checks what comes back.
 
-Contract of ``allocate``, for every row ``b``:
+Every member the pipeline reads is declared on :class:`BudgetAllocator`; subclass it to inherit the
+defaults, or write a class of your own with the same members (``check_allocator`` says which one is
+missing). ``granularity`` says what the budgets are:
 
-* ``result[b].sum() == num_layers * avg_budget[b]`` exactly (the compression ratio is kept);
-* ``0 <= result[b, l] <= seq_len[b]`` (a layer cannot keep more tokens than the row has).
+* ``"layer"``: ``allocate`` returns ``(batch, num_layers)``; every KV head of a layer keeps as many.
+* ``"head"``: ``allocate`` returns ``(batch, num_layers, kv_heads)``, and ``measure`` (when
+  ``needs_lmba``) gives one LMBA per KV head, ``(batch, kv_heads)``.
+* ``"split"``: ``allocate`` returns ``(batch, num_layers)``; inside each layer, ``split_heads`` then
+  shares the layer's budget between its KV heads from that layer's scores (AdaKV).
+
+Contract, checked by the pipeline for every row ``b`` (an error names the allocator):
+
+* the total is exact: ``result[b].sum() == num_layers * avg_budget[b]`` (times ``kv_heads`` for
+  ``"head"``), and each layer's ``split_heads`` sums to ``kv_heads`` times the layer's budget;
+* ``0 <= budget <= seq_len[b]``: a layer (or head) cannot keep more tokens than the row has.
 """
 
 from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Literal
 
 import torch
 
-__all__ = ["BudgetAllocator", "check_allocate_args", "lmba_values"]
+__all__ = ["GRANULARITIES", "BudgetAllocator", "Granularity", "check_allocate_args", "check_allocator", "lmba_values"]
+
+Granularity = Literal["layer", "head", "split"]
+GRANULARITIES: tuple[str, ...] = ("layer", "head", "split")
 
 
-@runtime_checkable
-class BudgetAllocator(Protocol):
-    """A per-layer token budget allocator.
+class BudgetAllocator:
+    """Base of budget allocators: the members the pipeline reads, with their defaults.
 
-    Attributes read by the pipeline (class or instance attributes):
-        name: registry name, e.g. ``"zigzag"``.
-        needs_lmba: whether :meth:`allocate` needs the per-layer LMBA statistic
-            (:func:`zigzag.budget.lmba`, measured with the allocator's own ``tau``).
+    Attributes (class or instance attributes):
+        name: registry name, e.g. ``"zigzag"`` (registries are built from it).
+        granularity: ``"layer"``, ``"head"`` or ``"split"`` (see the module docstring).
+        needs_lmba: whether :meth:`allocate` needs each layer's LMBA, measured by :meth:`measure`.
+        window: last queries of the context whose attention mass :meth:`measure` reads (only read when
+            ``needs_lmba``); ZigZag observes 64, as SnapKV does.
+        options: the name suffixes the registry parses (below).
+
+    Subclasses implement :meth:`allocate`, plus :meth:`measure` when ``needs_lmba`` and
+    :meth:`split_heads` when ``granularity == "split"``.
     """
 
-    name: str
-    needs_lmba: bool
+    name: ClassVar[str] = ""
+    granularity: ClassVar[Granularity] = "layer"
+    needs_lmba: ClassVar[bool] = False
+    window: int = 0
+    options: ClassVar[dict[str, tuple[str, type]]] = {}
+    """Name suffixes ``+<option><value>`` that :func:`zigzag.budget.get_budget` understands: option ->
+    (constructor argument, type); e.g. ``{"skip": ("skip_layers", int)}`` makes ``"zigzag+skip2"``."""
+
+    def measure(self, attention: torch.Tensor, valid: torch.Tensor | None, kv_heads: int) -> torch.Tensor:
+        """One layer's LMBA from the window's attention mass.
+
+        Args:
+            attention: ``(batch, heads, seq)`` float, the softmax attention each token gets from the last
+                ``window`` queries, averaged over them, per query head.
+            valid: ``(batch, seq)`` bool, False on padding, or None.
+            kv_heads: KV heads of the layer (query head ``h`` reads KV head ``h // (heads // kv_heads)``).
+
+        Returns:
+            ``(batch,)`` float for ``"layer"`` granularity, ``(batch, kv_heads)`` for ``"head"``.
+        """
+        raise NotImplementedError(f"budget {self.name!r} sets needs_lmba but does not implement measure()")
 
     def allocate(
         self,
@@ -43,19 +80,65 @@ class BudgetAllocator(Protocol):
         num_layers: int,
         lmba: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Return per-layer budgets.
+        """Return the budgets.
 
         Args:
-            avg_budget: ``(batch,)`` long, average tokens kept per layer, ``0 <= avg_budget <= seq_len``.
-            seq_len: ``(batch,)`` long, unpadded length of each row (the cap of every layer).
+            avg_budget: ``(batch,)`` long, average tokens kept per layer (and KV head), ``0 <= avg_budget <= seq_len``.
+            seq_len: ``(batch,)`` long, tokens each layer of the row can keep (its unpadded length).
             num_layers: number of attention layers ``L >= 1``.
-            lmba: ``(batch, num_layers)`` float, ``>= 0``, or None when ``needs_lmba`` is False.
+            lmba: ``(batch, L)`` float (``(batch, L, kv_heads)`` for ``"head"``), ``>= 0``; None unless
+                ``needs_lmba``.
 
         Returns:
-            ``(batch, num_layers)`` long; row ``b`` sums to ``num_layers * avg_budget[b]`` and lies in
-            ``[0, seq_len[b]]``.
+            ``(batch, L)`` long (``(batch, L, kv_heads)`` for ``"head"``); row ``b`` sums to
+            ``L * avg_budget[b]`` (times ``kv_heads``) and lies in ``[0, seq_len[b]]``.
         """
-        ...
+        raise NotImplementedError(f"budget {self.name!r} does not implement allocate()")
+
+    def split_heads(self, scores: torch.Tensor, valid: torch.Tensor, layer_budget: torch.Tensor) -> torch.Tensor:
+        """Share one layer's budget between its KV heads (``"split"`` granularity only).
+
+        Args:
+            scores: ``(batch, kv_heads, seq)`` float32 scores of the layer (higher = keep; ``-inf`` on padding).
+            valid: ``(batch, seq)`` bool, False on padding.
+            layer_budget: ``(batch,)`` long, the layer's tokens per KV head.
+
+        Returns:
+            ``(batch, kv_heads)`` long, row ``b`` summing to ``kv_heads * layer_budget[b]``, each entry in
+            ``[0, valid tokens of the row]``.
+        """
+        raise NotImplementedError(f"budget {self.name!r} has granularity 'split' but does not implement split_heads()")
+
+
+_ALLOCATOR_MEMBERS = {"name": str, "granularity": str, "needs_lmba": bool}
+
+
+def check_allocator(allocator: object) -> None:
+    """Raise ``TypeError`` naming the first member of the allocator protocol that ``allocator`` lacks.
+
+    Checks ``name``, ``granularity``, ``needs_lmba`` and ``allocate``; ``window`` and ``measure`` when
+    ``needs_lmba``; ``split_heads`` when ``granularity == "split"``.
+    """
+    who = type(allocator).__name__
+    for member, kind in _ALLOCATOR_MEMBERS.items():
+        if not hasattr(allocator, member):
+            raise TypeError(f"budget allocator {who} has no attribute {member!r} (see zigzag.budget.BudgetAllocator)")
+        if not isinstance(getattr(allocator, member), kind):
+            raise TypeError(f"budget allocator {who}.{member} must be a {kind.__name__}; got {getattr(allocator, member)!r}")
+    if allocator.granularity not in GRANULARITIES:
+        raise TypeError(f"budget allocator {who}.granularity must be one of {GRANULARITIES}; got {allocator.granularity!r}")
+    needed = ["allocate"]
+    if allocator.needs_lmba:
+        needed += ["window", "measure"]
+    if allocator.granularity == "split":
+        needed.append("split_heads")
+    for member in needed:
+        if not hasattr(allocator, member):
+            raise TypeError(f"budget allocator {who} has no attribute {member!r} (see zigzag.budget.BudgetAllocator)")
+    if allocator.needs_lmba:
+        window = allocator.window
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise TypeError(f"budget allocator {who}.window must be a positive int (queries observed for LMBA); got {window!r}")
 
 
 def _as_long_vector(value: torch.Tensor | int | Sequence[int], arg: str) -> torch.Tensor:

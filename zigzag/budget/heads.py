@@ -8,7 +8,7 @@ by the same rule, ``budget = B_bound + (B_avg - B_bound) * L * H * u`` with
 exactly by :func:`~zigzag.budget.apportion`. A head whose attention is spread over many tokens keeps
 more, wherever it sits; a head that looks at a handful of tokens gives its share away.
 
-LMBA of a KV head (:meth:`ZigZagHeads.measure_heads`): the query heads of a GQA group read the same
+LMBA of a KV head (:meth:`ZigZagHeads.measure`): the query heads of a GQA group read the same
 keys, so what the KV head must keep is what the *group* attends to. The default ``group="mass"``
 averages the group's attention mass over its query heads, then counts the tokens holding ``tau`` of
 it. ``group="mean"`` averages the query heads' own LMBA instead (the paper's per-layer average,
@@ -25,8 +25,8 @@ from typing import ClassVar
 import torch
 
 from zigzag.budget.apportion import apportion
-from zigzag.budget.base import check_allocate_args, lmba_values
-from zigzag.budget.zigzag import _check_tau, check_variant_options, lmba_per_head, variant_cap, zigzag_bound
+from zigzag.budget.base import BudgetAllocator, check_allocate_args, lmba_values
+from zigzag.budget.zigzag import ZIGZAG_OPTIONS, _check_tau, check_variant_options, lmba_per_head, variant_cap, zigzag_bound
 
 __all__ = ["ZigZagHeads", "layer_mean_budgets", "zigzag_head_budgets"]
 
@@ -114,11 +114,11 @@ def layer_mean_budgets(head_budgets: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class ZigZagHeads:
+class ZigZagHeads(BudgetAllocator):
     """ZigZagKV budgets per (layer, KV head): :func:`zigzag_head_budgets` on per-KV-head LMBA.
 
-    A head-wise allocator (``head_wise = True``): the pipeline measures LMBA with
-    :meth:`measure_heads`, stacks it to ``(batch, L, H)`` and :meth:`allocate` returns
+    A head-wise allocator (``granularity = "head"``): the pipeline measures LMBA with
+    :meth:`measure`, stacks it to ``(batch, L, H)`` and :meth:`allocate` returns
     ``(batch, L, H)`` budgets; layer ``l`` keeps ``budgets[:, l, h]`` tokens in KV head ``h``.
     ``cache.budgets`` reports the per-layer mean (:func:`layer_mean_budgets`); the per-head counts
     are ``(cache.kept_positions[l] >= 0).sum(-1)``.
@@ -144,7 +144,8 @@ class ZigZagHeads:
 
     name: ClassVar[str] = "zigzag_heads"
     needs_lmba: ClassVar[bool] = True
-    head_wise: ClassVar[bool] = True
+    granularity: ClassVar[str] = "head"
+    options: ClassVar[dict[str, tuple[str, type]]] = ZIGZAG_OPTIONS
 
     def __post_init__(self) -> None:
         _check_tau(self.tau)
@@ -156,7 +157,7 @@ class ZigZagHeads:
             raise ValueError(f"group must be one of {GROUP_MODES}; got {self.group!r}")
         check_variant_options(self.skip_layers, self.gamma, self.max_multiple)
 
-    def measure_heads(self, attention: torch.Tensor, valid: torch.Tensor | None, kv_heads: int) -> torch.Tensor:
+    def measure(self, attention: torch.Tensor, valid: torch.Tensor | None, kv_heads: int) -> torch.Tensor:
         """One layer's per-KV-head LMBA: ``(batch, heads, seq)`` query-head mass -> ``(batch, kv_heads)`` float64.
 
         Query head ``h`` belongs to KV head ``h // (heads // kv_heads)`` (GQA).

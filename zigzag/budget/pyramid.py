@@ -9,13 +9,13 @@ from typing import ClassVar
 import torch
 
 from zigzag.budget.apportion import apportion
-from zigzag.budget.base import check_allocate_args
+from zigzag.budget.base import BudgetAllocator, check_allocate_args
 
 __all__ = ["Pyramid"]
 
 
 @dataclass(frozen=True)
-class Pyramid:
+class Pyramid(BudgetAllocator):
     """Budgets fall linearly from the first layer to the last (PyramidKV).
 
     Paper: https://arxiv.org/abs/2406.02069 ("PyramidKV: Dynamic KV Cache Compression based on
@@ -39,6 +39,7 @@ class Pyramid:
 
     name: ClassVar[str] = "pyramid"
     needs_lmba: ClassVar[bool] = False
+    options: ClassVar[dict[str, tuple[str, type]]] = {"beta": ("beta", float)}
 
     def __post_init__(self) -> None:
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)):

@@ -8,13 +8,13 @@ from typing import ClassVar
 
 import torch
 
-from zigzag.budget.base import check_allocate_args
+from zigzag.budget.base import BudgetAllocator, check_allocate_args
 
 __all__ = ["Uniform"]
 
 
 @dataclass(frozen=True)
-class Uniform:
+class Uniform(BudgetAllocator):
     """Every layer of row ``b`` keeps ``avg_budget[b]`` tokens.
 
     The baseline that per-layer allocators are compared with (ZigZagKV,

@@ -17,9 +17,19 @@ from typing import ClassVar, cast
 import torch
 
 from zigzag.budget.apportion import apportion
-from zigzag.budget.base import check_allocate_args
+from zigzag.budget.base import BudgetAllocator, check_allocate_args
 
-__all__ = ["LMBA_REL_TOL", "ZigZag", "check_variant_options", "lmba", "lmba_per_head", "variant_cap"]
+__all__ = ["LMBA_REL_TOL", "ZIGZAG_OPTIONS", "ZigZag", "check_variant_options", "lmba", "lmba_per_head", "variant_cap"]
+
+ZIGZAG_OPTIONS: dict[str, tuple[str, type]] = {
+    "skip": ("skip_layers", int),
+    "gamma": ("gamma", float),
+    "cap": ("max_multiple", float),
+    "tau": ("tau", float),
+    "bound": ("bound_fraction", float),
+}
+"""Name suffixes of the ZigZag allocators: ``zigzag+skip2`` is ``ZigZag(skip_layers=2)``, ``+cap2`` is
+``max_multiple=2.0``, ``+gamma0.5`` is ``gamma=0.5``."""
 
 LMBA_REL_TOL = 1.0e-9
 """Relative slack on "reaches ``tau`` of the mass": a prefix counts as reaching it when its mass is
@@ -148,7 +158,7 @@ def variant_cap(avg: torch.Tensor, seq: torch.Tensor, max_multiple: float | None
 
 
 @dataclass(frozen=True)
-class ZigZag:
+class ZigZag(BudgetAllocator):
     """ZigZagKV per-layer budgets from layer uncertainty (Zhong et al., COLING 2025, Eq. 6).
 
     Paper: https://arxiv.org/abs/2412.09036.
@@ -201,6 +211,7 @@ class ZigZag:
 
     name: ClassVar[str] = "zigzag"
     needs_lmba: ClassVar[bool] = True
+    options: ClassVar[dict[str, tuple[str, type]]] = ZIGZAG_OPTIONS
 
     def __post_init__(self) -> None:
         _check_tau(self.tau)
@@ -214,8 +225,9 @@ class ZigZag:
             )
         check_variant_options(self.skip_layers, self.gamma, self.max_multiple)
 
-    def measure(self, attention: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """One layer's LMBA with this allocator's ``tau``: ``(batch, heads, seq) -> (batch,)`` float64.
+    def measure(self, attention: torch.Tensor, valid: torch.Tensor | None = None, kv_heads: int | None = None) -> torch.Tensor:
+        """One layer's LMBA with this allocator's ``tau``: ``(batch, heads, seq) -> (batch,)`` float64
+        (``kv_heads`` is not needed: the layer's LMBA averages over every query head).
 
         See :func:`lmba`. Stack the results of the ``L`` layers along dim 1 for :meth:`allocate`.
         ``attention`` is softmax mass (finite, ``>= 0``), so it is not read back to be checked: this

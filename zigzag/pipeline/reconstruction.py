@@ -27,41 +27,12 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from zigzag.kernels.precision import tf32_matmuls
+from zigzag.scorers.kvzip import Reconstruction
 from zigzag.pipeline.hf import decoder_of, forward_hooks, query_projection, rope_fn, rotate_half
-
-DEFAULT_PROMPT = "\n\nRepeat the previous context exactly.\n"
-"""The text between the context and its repeat that :meth:`Reconstruction.from_text` tokenizes."""
 
 PROBABILITY_BLOCK_ELEMENTS = 1 << 26
 """Most float32 attention probabilities held at once while scoring (256 MiB): queries are taken in
 blocks small enough for this, whatever the batch and context length."""
-
-
-@dataclass(frozen=True)
-class Reconstruction:
-    """How the context is repeated.
-
-    Attributes:
-        prompt_ids: token ids placed between the context and each repeated chunk (e.g. the tokenized
-            :data:`DEFAULT_PROMPT`); empty: each chunk follows the context directly.
-        chunk_size: context tokens repeated per forward pass (columns of the padded batch).
-    """
-
-    prompt_ids: tuple[int, ...] = ()
-    chunk_size: int = 2048
-
-    def __post_init__(self) -> None:
-        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int; got {self.chunk_size!r}")
-        ids = tuple(self.prompt_ids)
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
-            raise ValueError(f"prompt_ids must be non-negative token ids; got {self.prompt_ids!r}")
-        object.__setattr__(self, "prompt_ids", ids)  # a list in, a hashable tuple kept
-
-    @classmethod
-    def from_text(cls, tokenizer, text: str = DEFAULT_PROMPT, *, chunk_size: int = 2048) -> Reconstruction:
-        """The prompt ``text`` tokenized without special tokens by ``tokenizer``."""
-        return cls(tuple(tokenizer.encode(text, add_special_tokens=False)), chunk_size)
 
 
 def max_attention(

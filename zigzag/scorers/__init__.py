@@ -9,11 +9,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from zigzag.scorers._window import group_mean, set_mass_backend, window_attention, window_mass_sum
-from zigzag.scorers.base import LayerView, Scorer
+from zigzag.scorers._window import group_mean, window_attention, window_mass_sum
+from zigzag.scorers.base import LayerView, Scorer, ScorerWrapper, check_scorer
 from zigzag.scorers.expected_attention import ExpectedAttention
 from zigzag.scorers.knorm import Knorm
-from zigzag.scorers.kvzip import KVzip, with_reconstruction
+from zigzag.scorers.kvzip import KVzip, Reconstruction, with_reconstruction
 from zigzag.scorers.pooled import SpanPooled
 from zigzag.scorers.random import RandomScorer
 from zigzag.scorers.snapkv import SnapKV
@@ -21,15 +21,10 @@ from zigzag.scorers.streaming_llm import StreamingLLM
 from zigzag.scorers.tova import TOVA
 from zigzag.scorers.wrappers import HeadShared, Protected
 
-SCORERS: dict[str, type] = {
-    "knorm": Knorm,
-    "snapkv": SnapKV,
-    "expected_attention": ExpectedAttention,
-    "tova": TOVA,
-    "streaming_llm": StreamingLLM,
-    "random": RandomScorer,
-    "kvzip": KVzip,
-}
+SCORER_CLASSES: tuple[type[Scorer], ...] = (Knorm, SnapKV, ExpectedAttention, TOVA, StreamingLLM, RandomScorer, KVzip)
+"""Every scorer class zigzag ships (wrappers aside); a new one is one file and one entry here."""
+
+SCORERS: dict[str, type[Scorer]] = {cls.name: cls for cls in SCORER_CLASSES}
 """Registry: name -> scorer class (built with its default hyperparameters by :func:`get_scorer`)."""
 
 WRAPPER_SUFFIXES = {
@@ -69,14 +64,16 @@ def get_scorer(spec: Any) -> Scorer:
         spec: a name from :data:`SCORERS` (case-insensitive; hyphens and underscores alike, e.g.
             ``"Expected-Attention"``), built with default hyperparameters, optionally followed by
             wrapper suffixes (:data:`WRAPPER_SUFFIXES`, e.g. ``"expected_attention+pool5+first64"``);
-            or any object with a callable ``score`` method, returned unchanged.
+            or a scorer object with the members of :class:`Scorer` (checked by :func:`check_scorer`),
+            returned unchanged.
 
     Returns:
         The scorer.
 
     Raises:
         ValueError: unknown name or suffix (the message lists the known ones).
-        TypeError: neither a string nor an object with a ``score`` method.
+        TypeError: neither a string nor a scorer object, or a scorer that lacks a member of the
+            protocol (the message names it).
     """
     if isinstance(spec, str):
         key, *suffixes = spec.strip().lower().replace("-", "_").split("+")
@@ -90,16 +87,18 @@ def get_scorer(spec: Any) -> Scorer:
         raise TypeError(
             f"scorer must be a name or a scorer instance; got the class {spec.__name__} (call it: {spec.__name__}())"
         )
-    if callable(getattr(spec, "score", None)):
-        return spec
-    raise TypeError(
-        f"scorer must be a name ({', '.join(sorted(SCORERS))}) or an object with a score(layer) method; "
-        f"got {type(spec).__name__}"
-    )
+    if not callable(getattr(spec, "score", None)):
+        raise TypeError(
+            f"scorer must be a name ({', '.join(sorted(SCORERS))}) or a scorer object (see zigzag.scorers.Scorer); "
+            f"got {type(spec).__name__}"
+        )
+    check_scorer(spec)
+    return spec
 
 
 __all__ = [
     "SCORERS",
+    "SCORER_CLASSES",
     "TOVA",
     "WRAPPER_SUFFIXES",
     "ExpectedAttention",
@@ -109,13 +108,15 @@ __all__ = [
     "LayerView",
     "Protected",
     "RandomScorer",
+    "Reconstruction",
     "Scorer",
+    "ScorerWrapper",
+    "check_scorer",
     "SnapKV",
     "SpanPooled",
     "StreamingLLM",
     "get_scorer",
     "group_mean",
-    "set_mass_backend",
     "window_attention",
     "window_mass_sum",
     "with_reconstruction",

@@ -1,7 +1,8 @@
 """The contract every scorer keeps: one layer's cached keys and values in, a score per token out.
 
-A scorer never sees a model. The pipeline (`zigzag.api`) runs the prefill, gathers what the scorer
-declares it needs (`query_window`, `needs_query_stats`) into a :class:`LayerView`, and calls
+A scorer never sees a model. The pipeline (:mod:`zigzag.pipeline`) runs the prefill, gathers what
+the scorer declares it needs (``query_window``, ``needs_query_stats``, ``reconstruction``) into a
+:class:`LayerView`, and calls
 :meth:`Scorer.score`. Higher scores mean *keep*. Left-padded positions are excluded by the pipeline
 after scoring, so a scorer may return anything there.
 """
@@ -10,12 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 if TYPE_CHECKING:
-    from zigzag.pipeline.reconstruction import Reconstruction
+    from zigzag.scorers.kvzip import Reconstruction
 
 RopeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """Maps positions ``(batch, n)`` (long) to ``(cos, sin)``, each ``(batch, n, head_dim)``, using the
@@ -74,31 +75,64 @@ class LayerView:
         return self.keys.shape[2]
 
 
-@runtime_checkable
-class Scorer(Protocol):
-    """A token scorer.
+class Scorer:
+    """Base of token scorers: the members the pipeline reads, with their defaults.
 
-    Attributes read by the pipeline (class or instance attributes):
-        name: registry name, e.g. ``"snapkv"``.
-        query_window: how many last queries (after RoPE) the scorer needs in ``LayerView.window_queries``; 0 for none.
-        needs_query_stats: whether it needs ``query_mean``/``query_cov`` (pre-RoPE) and ``rope``.
+    Subclass it (usually as a ``@dataclass`` of hyperparameters) and implement :meth:`score`; a class
+    of your own with the same members works too (:func:`check_scorer` names a missing one).
+
+    Attributes (class or instance attributes):
+        name: registry name, e.g. ``"snapkv"`` (registries are built from it).
+        query_window: how many last queries (after RoPE) the scorer reads in ``LayerView.window_queries``;
+            0 for none.
+        needs_query_stats: whether it reads ``query_mean`` / ``query_cov`` (pre-RoPE) and ``rope``.
         query_stats_skip: leading valid tokens left out of those statistics (attention sinks).
-
-    Optional attribute: ``reconstruction`` (a :class:`zigzag.pipeline.reconstruction.Reconstruction`), when the
-    scorer reads ``LayerView.reconstruction_scores``; absent or None otherwise.
+        reconstruction: a :class:`zigzag.scorers.Reconstruction` when the scorer reads
+            ``LayerView.reconstruction_scores`` (the context read a second time), else None.
     """
 
-    name: str
-    query_window: int
-    needs_query_stats: bool
-    query_stats_skip: int
+    name: ClassVar[str] = ""
+    query_window: int = 0
+    needs_query_stats: bool = False
+    query_stats_skip: int = 0
+    reconstruction: Reconstruction | None = None
 
     def score(self, layer: LayerView) -> torch.Tensor:
-        """Return scores ``(batch, kv_heads, seq)``, float; higher means keep."""
-        ...
+        """Return scores ``(batch, kv_heads, seq)``, float; higher means keep.
+
+        The pipeline sets padding (``layer.valid`` False) to ``-inf`` afterwards, so anything may be
+        returned there; NaN anywhere is an error.
+        """
+        raise NotImplementedError(f"scorer {type(self).__name__} does not implement score(layer)")
 
 
-class ScorerWrapper:
+_SCORER_MEMBERS: dict[str, type | tuple[type, ...]] = {
+    "name": str,
+    "query_window": int,
+    "needs_query_stats": bool,
+    "query_stats_skip": int,
+}
+
+
+def check_scorer(scorer: object) -> None:
+    """Raise ``TypeError`` naming the first member of the :class:`Scorer` protocol that ``scorer`` lacks
+    (or holds with the wrong type): ``score``, ``name``, ``query_window``, ``needs_query_stats``,
+    ``query_stats_skip``. ``reconstruction`` is optional (absent means None)."""
+    who = type(scorer).__name__
+    if not callable(getattr(scorer, "score", None)):
+        raise TypeError(f"scorer {who} has no score(layer) method (see zigzag.scorers.Scorer)")
+    for member, kind in _SCORER_MEMBERS.items():
+        if not hasattr(scorer, member):
+            raise TypeError(f"scorer {who} has no attribute {member!r} (see zigzag.scorers.Scorer)")
+        value = getattr(scorer, member)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise TypeError(f"scorer {who}.{member} must be a {kind.__name__}; got {value!r}")
+    for member in ("query_window", "query_stats_skip"):
+        if getattr(scorer, member) < 0:
+            raise TypeError(f"scorer {who}.{member} must be >= 0; got {getattr(scorer, member)!r}")
+
+
+class ScorerWrapper(Scorer):
     """Base of scorers that transform another scorer's scores (``self.inner``): the pipeline's
     needs (query window, query statistics) are the inner scorer's."""
 

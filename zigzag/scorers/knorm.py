@@ -7,11 +7,11 @@ from typing import ClassVar
 
 import torch
 
-from zigzag.scorers.base import LayerView
+from zigzag.scorers.base import LayerView, Scorer
 
 
 @dataclass
-class Knorm:
+class Knorm(Scorer):
     """Score each token by minus the L2 norm of its cached key.
 
     Paper: https://arxiv.org/abs/2406.11430 ("A Simple and Effective L2 Norm-Based Strategy for KV

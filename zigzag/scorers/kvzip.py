@@ -1,4 +1,8 @@
-"""KVzip: keep the tokens the model attends to most while it repeats the context."""
+"""KVzip: keep the tokens the model attends to most while it repeats the context.
+
+The scorer only reads the scores; :class:`Reconstruction` says how the context is repeated, and
+:mod:`zigzag.pipeline.reconstruction` (the model-running part) computes them.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,41 @@ from typing import ClassVar
 
 import torch
 
-from zigzag.pipeline.reconstruction import Reconstruction
-from zigzag.scorers.base import LayerView, ScorerWrapper
+from zigzag.scorers.base import LayerView, Scorer, ScorerWrapper
+
+DEFAULT_PROMPT = "\n\nRepeat the previous context exactly.\n"
+"""The text between the context and its repeat that :meth:`Reconstruction.from_text` tokenizes."""
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """How the context is repeated.
+
+    Attributes:
+        prompt_ids: token ids placed between the context and each repeated chunk (e.g. the tokenized
+            :data:`DEFAULT_PROMPT`); empty: each chunk follows the context directly.
+        chunk_size: context tokens repeated per forward pass (columns of the padded batch).
+    """
+
+    prompt_ids: tuple[int, ...] = ()
+    chunk_size: int = 2048
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int; got {self.chunk_size!r}")
+        ids = tuple(self.prompt_ids)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise ValueError(f"prompt_ids must be non-negative token ids; got {self.prompt_ids!r}")
+        object.__setattr__(self, "prompt_ids", ids)  # a list in, a hashable tuple kept
+
+    @classmethod
+    def from_text(cls, tokenizer, text: str = DEFAULT_PROMPT, *, chunk_size: int = 2048) -> Reconstruction:
+        """The prompt ``text`` tokenized without special tokens by ``tokenizer``."""
+        return cls(tuple(tokenizer.encode(text, add_special_tokens=False)), chunk_size)
 
 
 @dataclass
-class KVzip:
+class KVzip(Scorer):
     """Score each token by the attention it gets when the model reconstructs the context.
 
     Paper: https://arxiv.org/abs/2505.23416 ("KVzip: Query-Agnostic KV Cache Compression with Context

@@ -7,13 +7,13 @@ from typing import ClassVar
 
 import torch
 
-from zigzag.scorers.base import LayerView
+from zigzag.scorers.base import LayerView, Scorer
 
 _BLOCK = 1024  # positions drawn per generator; see RandomScorer
 
 
 @dataclass
-class RandomScorer:
+class RandomScorer(Scorer):
     """Uniform random scores in ``[0, 1)``, reproducible.
 
     Paper: none; a baseline (kvpress ``RandomPress``).

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from zigzag.scorers._window import group_mean, last_queries, raise_protected, window_mass_sum
-from zigzag.scorers.base import LayerView
+from zigzag.scorers.base import LayerView, Scorer
 
 
 @dataclass
-class SnapKV:
+class SnapKV(Scorer):
     """Score each token by the attention it receives from the last ``window`` queries.
 
     Paper: https://arxiv.org/abs/2404.14469 ("SnapKV: LLM Knows What You are Looking for Before

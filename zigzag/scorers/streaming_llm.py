@@ -7,11 +7,11 @@ from typing import ClassVar
 
 import torch
 
-from zigzag.scorers.base import LayerView
+from zigzag.scorers.base import LayerView, Scorer
 
 
 @dataclass
-class StreamingLLM:
+class StreamingLLM(Scorer):
     """Keep the first ``n_sink`` tokens (attention sinks) and the most recent ones.
 
     Paper: https://arxiv.org/abs/2309.17453 ("Efficient Streaming Language Models with Attention

@@ -8,11 +8,11 @@ from typing import ClassVar
 import torch
 
 from zigzag.scorers._window import last_queries, raise_protected, window_attention
-from zigzag.scorers.base import LayerView
+from zigzag.scorers.base import LayerView, Scorer
 
 
 @dataclass
-class TOVA:
+class TOVA(Scorer):
     """Score each token by the attention the last query gives it, averaged over all query heads.
 
     Paper: https://arxiv.org/abs/2401.06104 ("Transformers are Multi-State RNNs", Oren et al., 2024),

@@ -95,7 +95,7 @@ def test_cuda_chunked_prefill_peak_memory_follows_the_budget():
     assert peaks[1024] < 0.5 * peaks[None], peaks
 
 
-# ---------------------------------------------------------------------------------------------- varlen layout (head-wise budgets)
+# --------------------------------------------------------------------------------- varlen layout (head-wise budgets)
 
 
 @pytest.mark.parametrize("backend", ["triton", "segment", "flex"])

@@ -36,7 +36,7 @@ def continuation_logits(model, ctx: dict, cache, new_tokens: int) -> tuple[torch
     and through the masked float64 reference (the full prefill of ``ctx`` with every position evicted
     from ``cache`` masked per layer and KV head): ``(ours, reference)``, each ``(batch, new, vocab)``."""
     from tests.reference import keep_masks, masked_reference
-    from zigzag import prefill_context
+    from zigzag import cache_kwarg, prefill_context
 
     mask = ctx["attention_mask"]
     batch, seq = mask.shape
@@ -45,9 +45,9 @@ def continuation_logits(model, ctx: dict, cache, new_tokens: int) -> tuple[torch
     full_mask = torch.cat([mask, torch.ones(batch, new_tokens, dtype=torch.long)], dim=-1)
     kwargs = {"input_ids": new, "attention_mask": full_mask, "position_ids": (full_mask.cumsum(-1) - 1)[:, -new_tokens:]}
     with torch.no_grad():
-        ours = model(past_key_values=cache, **kwargs).logits
+        ours = model(**cache_kwarg(model, cache), **kwargs).logits
         with masked_reference(model, keep_masks(cache.kept_positions, seq)):
-            reference = model(past_key_values=full, **kwargs).logits
+            reference = model(**cache_kwarg(model, full), **kwargs).logits
     return ours, reference
 
 

@@ -14,7 +14,7 @@ from transformers import MistralConfig, MistralForCausalLM
 
 from tests.conftest import continuation_logits, tiny_llama
 from tests.reference import attention, keep_masks, masked_reference
-from zigzag import UnsupportedModelError, compress_cache, prefill_context
+from zigzag import UnsupportedModelError, cache_kwarg, compress_cache, prefill_context
 from zigzag.testing.needle import needle_prompt
 from zigzag.scorers import window_attention
 
@@ -33,7 +33,7 @@ def _continuation_logits(model, ctx, question, cache):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -question.shape[1] :]
     with torch.no_grad():
         return model(
-            input_ids=ids[:, -question.shape[1] :], attention_mask=mask, position_ids=positions, past_key_values=cache
+            input_ids=ids[:, -question.shape[1] :], attention_mask=mask, position_ids=positions, **cache_kwarg(model, cache)
         ).logits
 
 
@@ -100,7 +100,7 @@ def test_ratio_zero_generates_like_no_compression(smollm2):
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     plain = model.generate(**kwargs)
     cache = compress_cache(model, ctx, ratio=0.0, scorer="snapkv", budget="zigzag")
-    assert torch.equal(model.generate(past_key_values=cache, **kwargs), plain)
+    assert torch.equal(model.generate(**cache_kwarg(model, cache), **kwargs), plain)
 
 
 @pytest.mark.slow
@@ -115,7 +115,7 @@ def test_captured_window_queries_are_the_models_queries(smollm2):
         with torch.no_grad():
             out = model(**ctx, position_ids=c.positions, output_attentions=True)
     for layer in (0, 13, 29):
-        ours = window_attention(pre.window_queries[layer], pre.cache.layers[layer].keys, c.valid, pre.scalings[layer])
+        ours = window_attention(pre.queries[layer].window, pre.cache.layers[layer].keys, c.valid, pre.scalings[layer])
         theirs = out.attentions[layer][:, :, -window:, :].float()
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
@@ -163,7 +163,7 @@ def _answer(model, tok, prompt, cache=None) -> str:
     question = tok(prompt.question, return_tensors="pt", add_special_tokens=False).input_ids
     ids = torch.cat([ctx, question], dim=-1)
     out = model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=12, do_sample=False
+        input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwarg(model, cache), max_new_tokens=12, do_sample=False
     )
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 

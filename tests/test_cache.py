@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 from tests.conftest import tiny_llama
 from tests.reference import keep_masks, masked_reference
-from zigzag.api import gather_kept
+from zigzag.pipeline.select import gather_kept
 from zigzag.cache import CompressedLayer, ZigZagCache
 
 

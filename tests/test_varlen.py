@@ -16,7 +16,7 @@ from tests.conftest import tiny_llama
 from tests.reference import attention, keep_masks, masked_reference
 from zigzag import prefill_context
 from zigzag.cache import varlen
-from zigzag.api import build_layer, gather_kept
+from zigzag.pipeline.select import build_layer, gather_kept
 from zigzag.cache import CompressedLayer, ZigZagCache, random_cache
 from zigzag.merge import CosineMerge
 from zigzag.cache.varlen import VarlenKeys, VarlenLayer, segment_attention

@@ -4,42 +4,61 @@
 >>> cache = compress_cache(model, tok(context, return_tensors="pt"), ratio=0.75)  # doctest: +SKIP
 """
 
-from zigzag.api import Prefill, UnsupportedModelError, prefill_context
-from zigzag.budget import BUDGETS, Pyramid, Uniform, ZigZag, get_budget
-from zigzag.cache import CompressedLayer, ZigZagCache
-from zigzag.testing.models import load_model, load_smollm2
+from zigzag.api import compress_cache, prefill_context
+from zigzag.budget import BUDGETS, AdaKV, BudgetAllocator, Pyramid, Uniform, ZigZag, ZigZagHeads, get_budget
+from zigzag.cache import CompressedLayer, VarlenLayer, ZigZagCache
+from zigzag.merge import CosineMerge, get_merge
+from zigzag.pipeline.full import Prefill
+from zigzag.pipeline.hf import UnsupportedModelError, cache_kwarg
 from zigzag.scorers import (
     SCORERS,
     TOVA,
     ExpectedAttention,
+    HeadShared,
     Knorm,
+    KVzip,
+    Protected,
     RandomScorer,
+    Reconstruction,
+    Scorer,
     SnapKV,
     SpanPooled,
     StreamingLLM,
     get_scorer,
 )
-from zigzag.streaming import compress_cache
+from zigzag.testing.models import load_model, load_smollm2
 
 __all__ = [
     "BUDGETS",
     "SCORERS",
     "TOVA",
+    "AdaKV",
+    "BudgetAllocator",
     "CompressedLayer",
+    "CosineMerge",
     "ExpectedAttention",
+    "HeadShared",
+    "KVzip",
     "Knorm",
     "Prefill",
+    "Protected",
     "Pyramid",
     "RandomScorer",
+    "Reconstruction",
+    "Scorer",
     "SnapKV",
     "SpanPooled",
     "StreamingLLM",
     "Uniform",
     "UnsupportedModelError",
+    "VarlenLayer",
     "ZigZag",
     "ZigZagCache",
+    "ZigZagHeads",
+    "cache_kwarg",
     "compress_cache",
     "get_budget",
+    "get_merge",
     "get_scorer",
     "load_model",
     "load_smollm2",

@@ -15,7 +15,7 @@ TF32, with the largest difference from the PyTorch logits relative to their larg
 The baseline is ``zigzag/scorers/expected_attention.py`` as of ``--baseline`` (read with ``git show``),
 loaded as a separate module next to the working tree's. Both score the same random layer (Llama-3.1-8B
 head layout by default: 32 query heads, 8 KV heads, head_dim 128, batch 1) through
-:func:`zigzag.api.score_layer`, so TF32 is on for CUDA as in the pipeline. Calls alternate between the
+:func:`zigzag.pipeline.select.score_layer`, so TF32 is on for CUDA as in the pipeline. Calls alternate between the
 two so that drift (clocks, host load) hits both alike; the device is synchronised around each call.
 
 Prints the median seconds per call of each, their ratio (baseline / working tree), the largest score
@@ -37,7 +37,7 @@ from benchmarks.perf.revisions import import_source, source_at
 from benchmarks.cli import HelpFormatter
 from benchmarks.perf.run import median_ms
 from zigzag import ExpectedAttention
-from zigzag.api import score_layer
+from zigzag.pipeline.select import score_layer
 from zigzag.scorers import LayerView
 
 SCORER_PATH = "zigzag/scorers/expected_attention.py"

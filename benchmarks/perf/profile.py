@@ -52,7 +52,7 @@ from benchmarks.perf.run import (
     tiny_config,
 )
 from zigzag import compress_cache
-from zigzag.streaming import FINALIZE_RANGE, _LayerwiseCompressor
+from zigzag.pipeline.layerwise import FINALIZE_RANGE, LayerwiseCompressor
 
 HOST_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
               "aten::item", "aten::_local_scalar_dense")
@@ -66,7 +66,7 @@ class Profile:
     ``ops``: CPU-side operator name -> [self GPU time (self CPU time without a GPU), calls].
     ``kernels``: GPU activity name -> [time, count]. ``busy_us``: union of the GPU activity over all
     streams. ``syncs``: counts of :data:`HOST_SYNCS` names and of GPU-side device-to-host copies.
-    ``settle``: ZigZag's work once every LMBA is known (:data:`zigzag.streaming.FINALIZE_RANGE`),
+    ``settle``: ZigZag's work once every LMBA is known (:data:`zigzag.pipeline.layerwise.FINALIZE_RANGE`),
     ``(host span, time from its start to the end of the GPU activity, GPU busy in that time)`` in
     microseconds; None when the run had no such range. ``settle_kernels``: the GPU activity after
     that range started, by name, as ``kernels``; ``settle_host``: the host-side events inside that
@@ -164,24 +164,24 @@ def interleaved_walls(case: Callable[[], object], plain: Callable[[], object], r
 
 @contextlib.contextmanager
 def settle_timer(meter: Meter):
-    """Time :meth:`zigzag.streaming._LayerwiseCompressor._settle` in unprofiled runs: yields a list
+    """Time :meth:`zigzag.pipeline.layerwise.LayerwiseCompressor.settle` in unprofiled runs: yields a list
     that gets each call's seconds, from its start (the forward pass is done: the LMBA were read back)
     to the end of the GPU work it queued. The wrapper adds one synchronisation at the end of the call,
     where the run synchronises anyway."""
     times: list[float] = []
-    original = _LayerwiseCompressor._settle
+    original = LayerwiseCompressor.settle
 
-    def timed(self, lmba):
+    def timed(self, plan):
         start = time.perf_counter()
-        original(self, lmba)
+        original(self, plan)
         meter.sync()
         times.append(time.perf_counter() - start)
 
-    _LayerwiseCompressor._settle = timed
+    LayerwiseCompressor.settle = timed
     try:
         yield times
     finally:
-        _LayerwiseCompressor._settle = original
+        LayerwiseCompressor.settle = original
 
 
 def _ms(us: float) -> str:

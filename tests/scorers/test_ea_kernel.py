@@ -175,7 +175,7 @@ def test_cuda_kernel_matches_torch_path_at_llama_shape(kit, monkeypatch, dtype):
     """32k keys (plus a partial block), 8 KV heads of 4 query heads, head_dim 128, strided keys.
 
     IEEE float32 (TF32 off, PyTorch's default): the two paths agree to float32 rounding. TF32 (as under
-    ``zigzag.api.score_layer``): the kernel's logits stay within TF32 rounding of float64, and the
+    ``zigzag.pipeline.select.score_layer``): the kernel's logits stay within TF32 rounding of float64, and the
     scores of both paths keep the same top half up to near ties."""
     matmul = torch.backends.cuda.matmul
     new_api = hasattr(matmul, "fp32_precision")  # mixing it with allow_tf32 raises

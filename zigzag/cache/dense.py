@@ -5,7 +5,7 @@ the widest row's budget of layer ``l``; rows (or heads) that kept fewer tokens l
 marked ``-1`` in :attr:`CompressedLayer.kept_positions` and never attended. Tokens generated after
 compression are appended as in a plain `DynamicCache`.
 
-With head-wise budgets (some row's KV heads keep different counts) :func:`zigzag.api.build_layer`
+With head-wise budgets (some row's KV heads keep different counts) :func:`zigzag.pipeline.select.build_layer`
 builds a :class:`zigzag.cache.varlen.VarlenLayer` instead, which stores exactly the kept slots, flat.
 
 Positions continue from the original, uncompressed length: the cache reports that length (plus what
@@ -203,7 +203,7 @@ def random_cache(
         layout: ``"varlen"`` (every layer a :class:`~zigzag.cache.varlen.VarlenLayer`: memory = the sum of the
             budgets), ``"dense"`` (every layer a :class:`CompressedLayer` ``(batch, kv_heads, widest,
             head_dim)``, shorter heads padded with masked empty slots), or ``"auto"`` (what
-            :func:`zigzag.api.build_layer` would choose: varlen for a layer whose heads differ in some row).
+            :func:`zigzag.pipeline.select.build_layer` would choose: varlen for a layer whose heads differ in some row).
         original_length: the uncompressed context length (positions continue from it); default: the
             largest budget. Slot ``j`` of a head that keeps ``n`` tokens holds position
             ``original_length - n + j`` (its last ``n`` tokens).

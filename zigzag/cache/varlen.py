@@ -656,7 +656,7 @@ class VarlenLayer(DynamicLayer):
 
         Args:
             keys, values: ``(batch, kv_heads, seq, head_dim)`` one layer's uncompressed cache.
-            kept: ``(batch, kv_heads, width)`` long from :func:`zigzag.api.select_tokens` (-1 = empty).
+            kept: ``(batch, kv_heads, width)`` long from :func:`zigzag.pipeline.select.select_tokens` (-1 = empty).
             merged_values: ``(batch, kv_heads, width, head_dim)`` values to store instead of the kept
                 ones (merge-on-evict), or None.
             prefix_bias: ``(batch, kv_heads, width)`` float per slot, or None.

@@ -26,7 +26,7 @@ for any ``Q``, summed over the same pairs), so the tile is read as ``Q_g^T``: it
 then the contiguous one of ``weights``, the layout tensor cores take for TF32 operands.
 
 **Precision.** Products in TF32 (``precision="tf32"``, what the scorer's torch path gets under
-:func:`zigzag.api.score_layer`) or IEEE float32 (``"ieee"``: the tests, and CUDA when PyTorch's
+:func:`zigzag.pipeline.select.score_layer`) or IEEE float32 (``"ieee"``: the tests, and CUDA when PyTorch's
 float32 matmuls are not TF32), always with float32 accumulation.
 """
 

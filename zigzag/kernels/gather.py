@@ -1,6 +1,6 @@
 """Copy the keys and values of chosen tokens, per (row, KV head): the copy every compression ends with.
 
-:func:`gather_split` is what :func:`zigzag.api.gather_kept` and the streaming prefill use. On CUDA a
+:func:`gather_split` is what :func:`zigzag.pipeline.select.gather_kept` and the streaming prefill use. On CUDA a
 Triton kernel (:mod:`zigzag.kernels.gather_triton`) does keys and values in one launch and writes the
 rank-major layout directly; elsewhere, or with ``set_gather_backend("torch")``, :func:`gather_split_torch`
 (``torch.gather``) does, and is the reference the kernel is tested against (the results are equal

@@ -20,6 +20,19 @@ def decoder_of(model: nn.Module) -> nn.Module:
     return model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
 
 
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Each decoder layer's attention module, in layer order."""
+    return [layer.self_attn for layer in decoder_of(model).layers]
+
+
+def query_shape(config) -> tuple[int, int, int]:
+    """``(heads, kv_heads, head_dim)`` of a decoder's attention, from its config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, kv_heads, head_dim
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """``(..., head_dim)`` -> the same with halves swapped and the first negated (RoPE's rotation)."""
     half = x.shape[-1] // 2
@@ -118,7 +131,7 @@ def _forward_cache_argument(model_class: type) -> str:
 
 def run_model(model: nn.Module, cache, **inputs) -> None:
     """``model(**inputs)`` with ``cache`` passed under the name the installed transformers expects."""
-    model(**inputs, **{cache_argument(model): cache})
+    model(**inputs, **cache_kwarg(model, cache))
 
 
 @contextlib.contextmanager
@@ -132,3 +145,10 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in flags:
             module.training = training
+
+
+def cache_kwarg(model: nn.Module, cache) -> dict[str, object]:
+    """``{name: cache}`` with the keyword the installed transformers expects for ``model`` (``cache``, or
+    ``past_key_values`` before the rename): ``model.generate(**inputs, **cache_kwarg(model, cache))``
+    works on either side of it, and so does ``model(...)``."""
+    return {cache_argument(model): cache}

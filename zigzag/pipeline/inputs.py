@@ -18,6 +18,13 @@ from zigzag.merge import get_merge
 from zigzag.scorers import Scorer, get_scorer
 
 
+DEFAULT_SCORER = "expected_attention+pool25"
+"""The default scorer: ExpectedAttention with its scores averaged over 25 neighbours, the best robust
+choice measured on the RULER-style sets (benchmarks/RESULTS.md)."""
+DEFAULT_BUDGET = "uniform"
+"""The default budget: every layer keeps as many tokens (the most robust across ratios measured)."""
+
+
 @dataclass(frozen=True)
 class Context:
     """A validated, left-padded batch of context tokens on the model's device.

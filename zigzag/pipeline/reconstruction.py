@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from zigzag.kernels.precision import tf32_matmuls
+from zigzag.pipeline.hf import attention_modules, forward_hooks, query_projection, query_shape, rope_fn, rotate_half, run_model
 from zigzag.scorers.kvzip import Reconstruction
-from zigzag.pipeline.hf import decoder_of, forward_hooks, query_projection, rope_fn, rotate_half
 
 PROBABILITY_BLOCK_ELEMENTS = 1 << 26
 """Most float32 attention probabilities held at once while scoring (256 MiB): queries are taken in
@@ -147,11 +147,8 @@ def reconstruction_scores(
     Returns:
         One ``(batch, kv_heads, seq)`` float32 tensor per layer, in ``[0, 1]``; 0 on padding.
     """
-    decoder = decoder_of(model)
-    attentions = [layer.self_attn for layer in decoder.layers]
-    config = model.config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    attentions = attention_modules(model)
+    heads, _, head_dim = query_shape(model.config)
     batch, seq = input_ids.shape
     device = input_ids.device
     lengths = valid.sum(dim=-1)
@@ -177,11 +174,12 @@ def reconstruction_scores(
                 sin=sin[:, None],
             )
             try:
-                model(
+                run_model(
+                    model,
+                    cache,
                     input_ids=torch.cat([prompt, input_ids[:, start : start + setup.chunk_size]], dim=-1),
                     attention_mask=scores.repeat.key_valid.long(),
                     position_ids=positions,
-                    past_key_values=cache,
                     use_cache=True,
                     logits_to_keep=1,
                 )

@@ -11,7 +11,7 @@ import torch
 from zigzag.kernels.precision import tf32_matmuls_enabled
 from zigzag.kernels.switch import KernelSwitch
 from zigzag.scorers._window import group_mean, raise_protected
-from zigzag.scorers.base import LayerView
+from zigzag.scorers.base import LayerView, Scorer
 
 _CHUNK = 4096  # keys per step of the quadratic term; bounds memory at heads * _CHUNK * head_dim floats
 
@@ -46,7 +46,7 @@ def _kernel():
 
 
 @dataclass
-class ExpectedAttention:
+class ExpectedAttention(Scorer):
     """Score each token by the attention that the next ``n_future`` queries are expected to give it.
 
     Paper: https://arxiv.org/abs/2510.00636 ("Expected Attention", NVIDIA kvpress, 2025).

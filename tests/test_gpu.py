@@ -138,7 +138,8 @@ def test_cuda_adakv_varlen_matches_masked_reference(attn, dtype, backend, monkey
 
 
 def test_cuda_random_varlen_cache_frees_memory_and_equals_dense():
-    from zigzag.cache import ZigZagCache, random_cache
+    from zigzag.cache import ZigZagCache
+    from zigzag.testing.random_cache import random_cache
     from zigzag.cache.varlen import VarlenLayer
 
     model = tiny_llama("sdpa", layers=4).to("cuda", torch.bfloat16)

@@ -17,9 +17,10 @@ from tests.reference import attention, keep_masks, masked_reference
 from zigzag import prefill_context
 from zigzag.cache import varlen
 from zigzag.api import build_layer, gather_kept
-from zigzag.cache import CompressedLayer, ZigZagCache, random_cache
+from zigzag.cache import CompressedLayer, ZigZagCache
 from zigzag.merge import CosineMerge
 from zigzag.cache.varlen import VarlenKeys, VarlenLayer, segment_attention
+from zigzag.testing.random_cache import random_cache
 
 BACKENDS = ["segment", "flex_eager"]
 # The Triton kernels as well, in Triton's interpreter without CUDA (see tests/conftest.py).

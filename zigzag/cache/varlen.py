@@ -59,8 +59,8 @@ import os
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicLayer
 
+from zigzag.cache.layer import CompressedLayerBase
 from zigzag.kernels.switch import triton_runs_on
 from zigzag.cache.attention import (
     _ADD_OPS,
@@ -357,7 +357,7 @@ def _attend(*args, backend: str):
 # ---------------------------------------------------------------------------------------------- layer
 
 
-class VarlenLayer(DynamicLayer):
+class VarlenLayer(CompressedLayerBase):
     """One layer's compressed prefix in the flat varlen layout, followed by a dense tail.
 
     Args:
@@ -384,7 +384,6 @@ class VarlenLayer(DynamicLayer):
         original_length: int,
         prefix_bias: torch.Tensor | None = None,
     ) -> None:
-        super().__init__()
         total, head_dim = keys.shape
         if values.shape != keys.shape or positions.shape != (total,) or head_lengths.dim() != 2:
             raise ValueError(
@@ -393,9 +392,7 @@ class VarlenLayer(DynamicLayer):
             )
         if prefix_bias is not None and prefix_bias.shape != (total,):
             raise ValueError(f"prefix_bias must be (total,) = ({total},); got {tuple(prefix_bias.shape)}")
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
-        self.original_length = int(original_length)
+        super().__init__(original_length, keys.dtype, keys.device)
         self.batch, self.kv_heads = head_lengths.shape
         self.head_dim = head_dim
         self.prefix_keys, self.prefix_values = keys.contiguous(), values.contiguous()
@@ -573,26 +570,8 @@ class VarlenLayer(DynamicLayer):
         self._appended = end
         return VarlenKeys.wrap(keys, self), values
 
-    def get_seq_length(self) -> int:
-        """The logical length: original tokens plus appended ones (what RoPE positions continue from)."""
-        return self.original_length + self._appended
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """Ask transformers for the mask of the appended tokens (and MASK_LOOKBACK columns before them)."""
-        return MASK_LOOKBACK + self._appended + query_length, self.original_length - MASK_LOOKBACK
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Drop appended tokens (``tokens_to_remove < 0`` removes that many from the end)."""
-        if tokens_to_remove > 0:
-            tokens_to_remove = tokens_to_remove - self.get_seq_length()
-        if tokens_to_remove == 0:
-            return
-        if -tokens_to_remove > self._appended:
-            raise ValueError(
-                f"cannot crop {-tokens_to_remove} tokens: only the {self._appended} tokens appended after "
-                "compression can be removed from a compressed layer"
-            )
-        self._appended += tokens_to_remove
+    def _drop_appended(self, count: int) -> None:
+        self._appended -= count  # the buffer keeps its capacity: the next tokens overwrite these
         self._expose_tail()
 
     def _select_rows(self, rows: torch.Tensor) -> None:
@@ -615,21 +594,6 @@ class VarlenLayer(DynamicLayer):
         self._tail_values = self._tail_values[rows]
         self._set_index(lengths.view(self.batch, self.kv_heads))
         self._expose_tail()
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select_rows(torch.arange(self.batch, device=self.device).repeat_interleave(repeats))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_rows(torch.arange(self.batch, device=self.device)[indices])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_rows(beam_idx)
-
-    def reset(self) -> None:
-        raise NotImplementedError("a compressed cache cannot be reset; compress the context again instead")
-
-    def offload(self):
-        raise NotImplementedError("offloading a varlen compressed layer is not supported")
 
     def index_nbytes(self) -> int:
         """Bytes of the slot index: positions (4 per slot), offsets, head lengths and flex pieces."""

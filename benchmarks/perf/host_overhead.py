@@ -21,8 +21,8 @@ loop (synchronised once at the end) is its host cost:
 Prints one table of microseconds per call (median of ``--repeats`` loops).
 
 ``--compare REV`` measures something else, on the CPU: the varlen layer step of this tree against the
-same step with ``zigzag/varlen.py`` and ``zigzag/varlen_kernel.py`` taken from git revision ``REV``
-(the rest of the package is this tree's), the kernel launch replaced by a no-op in both, so that only
+same step with ``zigzag/cache/varlen.py`` and ``zigzag/kernels/varlen_triton.py`` taken from git revision
+``REV`` (the rest of the package is this tree's), the kernel launch replaced by a no-op in both, so that only
 the host work above the launch is timed. The step is the model's: ``update``, then transformers'
 ``sdpa_attention_forward`` with the returned keys, over ``--layers`` layers that share one attention
 mask per step. The two run interleaved, ``--rounds`` rounds of ``--steps`` steps, alternating which
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 import types
@@ -46,6 +47,7 @@ from benchmarks.cli import HelpFormatter
 from benchmarks.perf.revisions import import_source, source_at
 from zigzag.cache import CompressedLayer
 from zigzag.cache.varlen import VarlenLayer
+from zigzag.kernels import set_backend
 
 
 def per_call_us(fn, calls: int, repeats: int, sync) -> float:
@@ -129,13 +131,35 @@ def components(args) -> None:
 # ---------------------------------------------------------------------------------------------- --compare
 
 
+LAYOUTS = (("zigzag/cache/varlen.py", "zigzag/kernels/varlen_triton.py"), ("zigzag/varlen.py", "zigzag/varlen_kernel.py"))
+"""Where the varlen layer and its kernel module lived: now, and before the package's layout changed."""
+
+
 def _modules_at(rev: str, folder: str) -> tuple[types.ModuleType, types.ModuleType]:
-    """``zigzag/varlen.py`` and ``zigzag/varlen_kernel.py`` as of git revision ``rev``, imported under
-    other names, the first using the second for its kernels."""
-    kernel = import_source("_at_0_varlen_kernel", source_at(rev, "zigzag/varlen_kernel.py"), folder)
-    layer = import_source("_at_1_varlen", source_at(rev, "zigzag/varlen.py"), folder)
+    """The varlen layer and kernel modules as of git revision ``rev``, imported under other names,
+    the first using the second for its kernels."""
+    for layer_path, kernel_path in LAYOUTS:
+        try:
+            layer_source, kernel_source = source_at(rev, layer_path), source_at(rev, kernel_path)
+            break
+        except subprocess.CalledProcessError:
+            continue
+    else:
+        raise FileNotFoundError(f"no varlen modules at {rev} (looked for {LAYOUTS})")
+    # Its operators under another namespace: this tree's registered theirs under zigzag:: already.
+    kernel_source = kernel_source.replace('custom_op("zigzag::', 'custom_op("zigzag_at_rev::')
+    kernel = import_source("_at_0_varlen_kernel", kernel_source, folder)
+    layer = import_source("_at_1_varlen", layer_source, folder)
     layer._triton_kernels = lambda: kernel
     return layer, kernel
+
+
+def _use_triton(layer_module: types.ModuleType) -> None:
+    """The Triton backend for ``layer_module``'s layers: its own setter where it had one (before the
+    one kernel switch), else the switch."""
+    if hasattr(layer_module, "set_backend"):
+        layer_module.set_backend("triton")
+    set_backend("varlen", "triton")
 
 
 def _no_launch(*args) -> None:
@@ -173,7 +197,7 @@ def compare(args) -> None:
         varlen_there, kernel_there = _modules_at(args.compare, folder)
         trees = {args.compare: (varlen_there, kernel_there), "this tree": (varlen_here, kernel_here)}
         for layer_module, kernel in trees.values():
-            layer_module.set_backend("triton")
+            _use_triton(layer_module)
             for name in ("launch", "_launch_on"):  # the launch entry points of either version
                 if hasattr(kernel, name):
                     setattr(kernel, name, _no_launch)

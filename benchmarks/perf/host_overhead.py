@@ -20,6 +20,9 @@ loop (synchronised once at the end) is its host cost:
 
 Prints one table of microseconds per call (median of ``--repeats`` loops).
 
+``--memos`` times, on the CPU, each memo of the varlen decoding step against what it saves computing
+(the figures in the comments beside them): microseconds per call, the best of 7 loops of ``--calls``.
+
 ``--compare REV`` measures something else, on the CPU: the varlen layer step of this tree against the
 same step with ``zigzag/cache/varlen.py`` and ``zigzag/kernels/varlen_triton.py`` taken from git revision
 ``REV`` (the rest of the package is this tree's), the kernel launch replaced by a no-op in both, so that only
@@ -230,6 +233,51 @@ def compare(args) -> None:
             print(f"| {case} | {there:.1f} | {here:.1f} | {ratio:.3f} |")
 
 
+def memos(args) -> None:
+    """Each memo of the varlen decoding step, hit, against the computation it saves (CPU)."""
+    import timeit
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend on CPU tensors; nothing is launched
+    import zigzag.cache.varlen as layer_module
+    import zigzag.kernels.varlen_triton as vk
+    from zigzag.cache.attention import _plain
+
+    torch.set_num_threads(1)
+    set_backend("varlen", "triton")
+    batch, kv_heads, d, n = 4, 8, 128, 256
+    lengths = torch.full((batch, kv_heads), n)
+    lengths[:, 0], lengths[:, 1] = n // 2, n + n // 2
+    total = int(lengths.sum())
+    flat = torch.randn(total, d)
+    layer = VarlenLayer(flat, flat, torch.arange(total) % n, lengths, n)
+    layer.update(torch.randn(batch, kv_heads, 1, d), torch.randn(batch, kv_heads, 1, d))
+    mask = torch.ones(batch, 1, 1, 1 + layer.appended, dtype=torch.bool)
+    tail = layer_module._tail_of(_plain(mask), layer.appended)
+    shape = (batch, 32, 1, layer.appended)
+
+    def import_statement():
+        from zigzag.kernels import varlen_triton
+
+        return varlen_triton
+
+    rows = [
+        ("_triton_kernels()", layer_module._triton_kernels, import_statement),
+        ("_resolved_backend()", layer._resolved_backend, lambda: layer_module.get_backend(layer.device)),
+        ("_triton_prefix()", layer._triton_prefix, lambda: vk.build_prefix(
+            layer.prefix_keys, layer.prefix_values, layer.offsets, None, kv_heads=kv_heads, width=layer.width)),
+        ("_sdpa_tail_mask()", lambda: layer_module._sdpa_tail_mask(mask, layer.appended),
+         lambda: layer_module._tail_of(_plain(mask), layer.appended)),
+        ("_kernel_mask()", lambda: vk._kernel_mask(tail, shape),
+         lambda: (tail.view(torch.uint8), vk._mask_strides(tail, shape))),
+    ]  # fmt: skip
+    best = lambda fn: min(timeit.repeat(fn, number=args.calls, repeat=7)) / args.calls * 1e6
+    print("| memo (CPU) | hit us | computed us |")
+    print("|---|---|---|")
+    for name, hit, computed in rows:
+        hit()  # fill the memo
+        print(f"| {name} | {best(hit):.2f} | {best(computed):.2f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.perf.host_overhead", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--slots", type=int, default=1024, help="cached tokens per KV head")
@@ -237,11 +285,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="repeats per component; the median is printed")
     parser.add_argument("--device", default="cuda", help="cuda; cpu runs the kernel in Triton's interpreter (a check)")
     parser.add_argument("--compare", metavar="REV", help="time this tree's varlen layer step against revision REV (None: no comparison)")
+    parser.add_argument("--memos", action="store_true", help="time the varlen step's memos against their computation (CPU)")
     parser.add_argument("--layers", type=int, default=4, help="--compare: layers per decoding step")
     parser.add_argument("--rounds", type=int, default=40, help="--compare: interleaved rounds")
     parser.add_argument("--steps", type=int, default=100, help="--compare: decoding steps per round")
     args = parser.parse_args(argv)
-    if args.compare:
+    if args.memos:
+        memos(args)
+    elif args.compare:
         compare(args)
     else:
         components(args)

@@ -65,6 +65,7 @@ _SWITCH = kernel_switch("varlen")
 """The ``"varlen"`` kernel switch: :mod:`zigzag.kernels.varlen_triton` or :func:`segment_attention`."""
 
 
+# Memo (host_overhead --memos, CPU): 0.04 us a call against 0.25-0.70 for the import; also the seam --compare swaps.
 @functools.cache
 def _triton_kernels():
     """:mod:`zigzag.kernels.varlen_triton`, imported on first use (it imports triton)."""
@@ -296,6 +297,7 @@ class VarlenLayer(CompressedLayerBase):
 
     def _resolved_backend(self) -> str:
         """:func:`get_backend` for this layer's device, resolved again only when the setting changes."""
+        # Memo (host_overhead --memos, CPU): 0.05 us against 1.6-2.7 for get_backend, of a 35-60 us layer step.
         setting = _SWITCH.name
         if self._backend_setting is not setting:
             self._backend_resolved = get_backend(self.device)
@@ -305,6 +307,7 @@ class VarlenLayer(CompressedLayerBase):
     def _triton_prefix(self):
         """The prefix as the Triton kernel takes it (:class:`zigzag.kernels.varlen_triton.Prefix`), built on first
         use and kept until the index or the prefix tensors change."""
+        # Memo (host_overhead --memos, CPU): 0.15 us against 5.7-9.5 for build_prefix, of a 35-60 us layer step.
         kept = self._kernel_prefix
         if (
             kept is None
@@ -519,6 +522,7 @@ def _sdpa_tail_mask(mask: torch.Tensor, n_tail: int) -> torch.Tensor:
     being reused; the view shares its memory, so it stays right if the mask is written in place).
     Decoding masks are small; a larger one is not kept, so that its memory is freed with the pass."""
     global _last_tail_mask
+    # Memo (host_overhead --memos, CPU): 0.2-0.4 us against 3.4-5.7 for _tail_of, per layer of a masked step.
     last = _last_tail_mask
     if last[0] is mask and last[1].shape[-1] == n_tail:
         return last[1]

@@ -187,7 +187,9 @@ def group_logits(
 
 
 @torch.library.custom_op("zigzag::ea_group_logits", mutates_args=("out",))
-def ea_group_logits(keys: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, precision: str, config: list[int]) -> None:
+def ea_group_logits(
+    keys: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, precision: str, config: list[int]
+) -> None:
     """The launch of :func:`group_logits` (arguments checked there, ``config`` resolved): writes ``out``
     ``(batch, kv_heads, groups, seq)``. An operator so that torch.compile traces through it."""
     batch, kv_heads, seq, head_dim = keys.shape

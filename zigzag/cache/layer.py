@@ -20,6 +20,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from zigzag.cache.attention import MASK_LOOKBACK
+from zigzag.cache.refeed import check_positions, positions_from
 
 
 class CompressedLayerBase(DynamicLayer):
@@ -71,6 +72,12 @@ class CompressedLayerBase(DynamicLayer):
         """Bytes held on the layer's device: keys, values, index and bias."""
 
     # ------------------------------------------------------------------------------------ cache API
+
+    def _check_new_positions(self, new: int, kwargs: dict) -> None:
+        """Refuse ``new`` tokens fed where the compressed context already is, when transformers passed
+        their positions to ``update`` (:mod:`zigzag.cache.refeed`). One-token steps are not read."""
+        if new > 1:
+            check_positions(positions_from(kwargs), self.appended, new)
 
     def get_seq_length(self) -> int:
         """The logical length: original tokens plus appended ones (what RoPE positions continue from)."""

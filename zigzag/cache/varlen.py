@@ -50,6 +50,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+
 from zigzag.cache.layer import CompressedLayerBase
 from zigzag.kernels.switch import kernel_switch
 from zigzag.cache.attention import (
@@ -60,6 +61,7 @@ from zigzag.cache.attention import (
     MASK_LOOKBACK,
     _plain,
 )
+from zigzag.cache.refeed import check_mask
 
 _SWITCH = kernel_switch("varlen")
 """The ``"varlen"`` kernel switch: :mod:`zigzag.kernels.varlen_triton` or :func:`segment_attention`."""
@@ -378,6 +380,7 @@ class VarlenLayer(CompressedLayerBase):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``(batch, kv_heads, new, head_dim)``; return the tail keys (as VarlenKeys) and values."""
+        self._check_new_positions(key_states.shape[-2], kwargs)
         n = self._appended
         end = n + key_states.shape[-2]
         tail_k, tail_v = self._tail_keys, self._tail_values
@@ -498,8 +501,9 @@ def _varlen_arg(args):
     return None
 
 
-def _tail_of(mask: torch.Tensor | None, n_tail: int) -> torch.Tensor | None:
-    """The model's mask without its MASK_LOOKBACK leading columns."""
+def _tail_of(mask: torch.Tensor | None, n_tail: int, layer: VarlenLayer | None = None) -> torch.Tensor | None:
+    """The model's mask without its MASK_LOOKBACK leading columns (``layer``: the one attended, which drops
+    this call's tokens again if :func:`~zigzag.cache.refeed.check_mask` refuses them)."""
     if mask is None:
         return None
     if mask.shape[-1] != MASK_LOOKBACK + n_tail:
@@ -508,6 +512,7 @@ def _tail_of(mask: torch.Tensor | None, n_tail: int) -> torch.Tensor | None:
             f"{n_tail} tokens appended after compression: was the cache used with an attention mask that "
             "does not cover the original context?"
         )
+    check_mask(mask, layer)  # new tokens fed where the compressed context already is
     return mask[..., MASK_LOOKBACK:]
 
 
@@ -516,7 +521,7 @@ _MASK_KEPT = 1 << 22
 """Largest mask (elements) that :func:`_sdpa_tail_mask` keeps a reference to until the next call."""
 
 
-def _sdpa_tail_mask(mask: torch.Tensor, n_tail: int) -> torch.Tensor:
+def _sdpa_tail_mask(mask: torch.Tensor, n_tail: int, layer: VarlenLayer | None = None) -> torch.Tensor:
     """:func:`_tail_of` for SDPA, which every layer calls with the same mask object in a forward pass:
     the last view made is kept and given again for that object (the kept reference stops its id from
     being reused; the view shares its memory, so it stays right if the mask is written in place).
@@ -526,7 +531,7 @@ def _sdpa_tail_mask(mask: torch.Tensor, n_tail: int) -> torch.Tensor:
     last = _last_tail_mask
     if last[0] is mask and last[1].shape[-1] == n_tail:
         return last[1]
-    tail = _tail_of(_plain(mask), n_tail)
+    tail = _tail_of(_plain(mask), n_tail, layer)
     _last_tail_mask = (mask, tail) if mask.numel() <= _MASK_KEPT else (None, None)
     return tail
 
@@ -540,7 +545,7 @@ def _varlen_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
         value = _plain(value)
     keys = key._tensor
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    mask = None if attn_mask is None else _sdpa_tail_mask(attn_mask, keys.shape[-2])
+    mask = None if attn_mask is None else _sdpa_tail_mask(attn_mask, keys.shape[-2], key._varlen)
     return key._varlen.attend(query, keys, value, mask, scale, bool(is_causal))
 
 
@@ -610,7 +615,7 @@ class _VarlenScores(torch.Tensor):
                 out = func(*args, **kwargs)
             return _VarlenScores.wrap(out, me._varlen, me._query, me._scale * factor, me._mask)
         if func in _ADD_OPS and me._mask is None and len(others) == 1 and isinstance(others[0], torch.Tensor):
-            mask = _tail_of(_plain(others[0]), scores.shape[-1])
+            mask = _tail_of(_plain(others[0]), scores.shape[-1], me._varlen)
             mask = mask if mask.dtype != torch.bool else torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
             return _VarlenScores.wrap(scores + mask.to(scores.dtype), me._varlen, me._query, me._scale, mask)
         if func in (F.softmax, torch.softmax, torch.Tensor.softmax):

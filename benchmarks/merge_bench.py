@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.cli import HelpFormatter
+from zigzag.kernels import using
 from zigzag.merge import CosineMerge
 
 
@@ -130,9 +131,14 @@ def bench_layer(T: int, args, config, device: torch.device, dtype: torch.dtype) 
             backends.append("triton")
         except ImportError:
             pass
+    merge = CosineMerge(chunk_size=args.chunk_size)
     for backend in backends:
-        merge = CosineMerge(backend=backend, chunk_size=args.chunk_size)
-        methods[f"merge-{backend}"] = lambda merge=merge: (gather(keys, kept), merge.merge(keys, values, kept, valid))
+
+        def merged(backend=backend):
+            with using("merge", backend):
+                return gather(keys, kept), merge.merge(keys, values, kept, valid)
+
+        methods[f"merge-{backend}"] = merged
     kept_mib = 2 * kept.shape[-1] * kv_heads * head_dim * keys.element_size() / 2**20
     rows = []
     for name, fn in methods.items():

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from zigzag import SpanPooled, get_scorer, load_smollm2, prefill_context
+from zigzag import SpanPooled, cache_kwarg, get_scorer, load_smollm2, prefill_context
 from zigzag.testing.needle import needle_prompt
 
 
@@ -53,7 +53,7 @@ def main() -> None:
 
     def answer_from(cache) -> str:
         out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=12, do_sample=False
+            input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwarg(model, cache), max_new_tokens=12, do_sample=False
         )
         return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 

@@ -60,6 +60,11 @@ def smollm2():
 
 
 def pytest_collection_modifyitems(config, items):
+    # Every test that loads the real SmolLM2 through the fixture is slow (the quick subset,
+    # `-m "not slow"`, leaves them out); tests that load it otherwise carry @pytest.mark.slow themselves.
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA")

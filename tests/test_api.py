@@ -15,8 +15,8 @@ from transformers import MistralConfig, MistralForCausalLM
 from tests.conftest import continuation_logits, tiny_llama
 from tests.reference import attention, keep_masks, masked_reference
 from zigzag import UnsupportedModelError, cache_kwarg, compress_cache, prefill_context
-from zigzag.testing.needle import needle_prompt
 from zigzag.scorers import window_attention
+from zigzag.testing.needle import needle_prompt
 
 
 def _batch(tok, lengths=(320, 230), seed=11):

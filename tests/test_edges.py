@@ -131,7 +131,7 @@ def test_an_allocator_split_is_checked(model):
         def split_heads(self, scores, valid, layer_budget):
             return torch.stack([layer_budget * 2 + 1, -torch.ones_like(layer_budget)], dim=1)
 
-    uniform = lambda avg, seq, layers: avg[:, None].expand(-1, layers)  # noqa: E731
+    uniform = lambda avg, seq, layers: avg[:, None].expand(-1, layers)
     with pytest.raises(ValueError, match="budget 'cheat': split_heads must give each KV head"):
         compress_cache(model, _padded_pair(), 0.5, "knorm", BadSplit(uniform))
 

@@ -12,7 +12,7 @@ triton = pytest.importorskip("triton")
 
 import zigzag.kernels.gather as gather_module
 from tests.conftest import tiny_llama
-from zigzag import compress_cache
+from zigzag import compress_cache, kernels
 from zigzag.kernels.gather import gather_split, gather_split_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -88,7 +88,19 @@ def test_gather_split_checks_arguments():
     with pytest.raises(ValueError, match="width"):
         gather_split(keys, keys, index, 4)
     with pytest.raises(ValueError, match="backend"):
-        gather_module.set_gather_backend("cuda")
+        kernels.set_backend("gather", "cuda")
+
+
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_operator_passes_opcheck(with_extra):
+    """zigzag::gather_split has a fake and mutates nothing: torch.compile can trace it."""
+    from zigzag.kernels.gather_triton import gather_split_op
+
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    keys, values = (_states(1, 2, 9, 16, torch.float32, True, gen) for _ in range(2))
+    extra = [torch.randn(3, 1, 2, 16, generator=gen).to(DEVICE) for _ in range(2)] if with_extra else [None, None]
+    index = _ranking(1, 2, 12 if with_extra else 9, 7, gen, empty=True)
+    torch.library.opcheck(gather_split_op, (keys, values, index, 4, *extra))
 
 
 def test_compress_cache_is_the_same_through_the_kernel(monkeypatch):

@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import tiny_llama
 from tests.reference import keep_masks, masked_reference
-from zigzag import compress_cache
+from zigzag import cache_kwarg, compress_cache
 
 pytestmark = pytest.mark.gpu
 
@@ -33,9 +33,9 @@ def test_cuda_compressed_matches_masked_reference(attn, dtype):
 
     full = prefill_context(model, ctx, window=0, query_stats_skip=None).cache
     with torch.no_grad():
-        ours = model(input_ids=question, attention_mask=full_mask, position_ids=positions, past_key_values=cache).logits
+        ours = model(input_ids=question, attention_mask=full_mask, position_ids=positions, **cache_kwarg(model, cache)).logits
         with masked_reference(model, keep_masks(cache.kept_positions, seq)):
-            ref = model(input_ids=question, attention_mask=full_mask, position_ids=positions, past_key_values=full).logits
+            ref = model(input_ids=question, attention_mask=full_mask, position_ids=positions, **cache_kwarg(model, full)).logits
     tol = 1e-3 if dtype == torch.float32 else 5e-2
     assert (ours.float() - ref.float()).abs().max().item() < tol
 
@@ -51,7 +51,7 @@ def test_cuda_memory_is_freed_and_generate_runs():
     full_bytes = 2 * 4 * 2 * 4000 * 16 * 2  # keys + values, 4 layers, 2 kv heads, head_dim 16, bf16
     assert cache.nbytes() <= 0.3 * full_bytes
     assert held <= cache.nbytes() + 64 * 1024  # nothing but the compressed cache stays allocated
-    out = model.generate(input_ids=torch.cat([ids, ids[:, :5]], -1), past_key_values=copy.copy(cache), max_new_tokens=5, do_sample=False)
+    out = model.generate(input_ids=torch.cat([ids, ids[:, :5]], -1), **cache_kwarg(model, copy.copy(cache)), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 4010)
 
 
@@ -98,17 +98,17 @@ def test_cuda_chunked_prefill_peak_memory_follows_the_budget():
 # --------------------------------------------------------------------------------- varlen layout (head-wise budgets)
 
 
-@pytest.mark.parametrize("backend", ["triton", "segment", "flex"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_adakv_varlen_matches_masked_reference(attn, dtype, backend, monkeypatch):
-    """Head-wise budgets on CUDA: the varlen layout, attended by the Triton kernels (the default), the
-    segment path or compiled flex_attention (opt-in), equals the masked reference through a multi-token
-    continuation and decoding steps."""
-    from zigzag import prefill_context, varlen
+    """Head-wise budgets on CUDA: the varlen layout, attended by the Triton kernel (the default) or
+    the PyTorch segment path, equals the masked reference through a multi-token continuation and
+    decoding steps."""
+    from zigzag import kernels, prefill_context
     from zigzag.cache.varlen import VarlenLayer, get_backend
 
-    monkeypatch.setattr(varlen, "_backend", backend)
+    monkeypatch.setattr(kernels.kernel_switch("varlen"), "name", backend)
 
     model = tiny_llama(attn, layers=4).to("cuda", dtype)
     batch, seq, q = 2, 300, 7
@@ -129,17 +129,18 @@ def test_cuda_adakv_varlen_matches_masked_reference(attn, dtype, backend, monkey
         positions = (mask.cumsum(-1) - 1)[:, -new_ids.shape[1] :]
         kwargs = {"input_ids": new_ids, "attention_mask": mask, "position_ids": positions}
         with torch.no_grad():
-            ours = model(past_key_values=cache, **kwargs).logits
+            ours = model(**cache_kwarg(model, cache), **kwargs).logits
             with masked_reference(model, keep):
-                ref = model(past_key_values=reference, **kwargs).logits
+                ref = model(**cache_kwarg(model, reference), **kwargs).logits
         assert (ours.float() - ref.float()).abs().max().item() < tol, f"step {step}"
         new_ids = ref[:, -1:].argmax(-1)
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device="cuda")], dim=-1)
 
 
 def test_cuda_random_varlen_cache_frees_memory_and_equals_dense():
-    from zigzag.cache import ZigZagCache, random_cache
+    from zigzag.cache import ZigZagCache
     from zigzag.cache.varlen import VarlenLayer
+    from zigzag.testing.random_cache import random_cache
 
     model = tiny_llama("sdpa", layers=4).to("cuda", torch.bfloat16)
     batch, kv_heads, head_dim, length = 2, 2, 16, 3000
@@ -159,11 +160,11 @@ def test_cuda_random_varlen_cache_frees_memory_and_equals_dense():
     mask = torch.ones(batch, length + 5, dtype=torch.long, device="cuda")
     positions = torch.arange(length, length + 5, device="cuda").expand(batch, -1)
     with torch.no_grad():
-        a = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=dense).logits
-        b = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=varlen).logits
+        a = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwarg(model, dense)).logits
+        b = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwarg(model, varlen)).logits
     assert (a.float() - b.float()).abs().max().item() < 5e-2
     prompt = torch.randint(0, 128, (batch, length + 5 + 3), device="cuda")  # the cache already holds length + 5
-    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), past_key_values=varlen,
+    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **cache_kwarg(model, varlen),
                          max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape == (batch, length + 13)
 
@@ -200,17 +201,18 @@ def test_cuda_half_query_moments_match_float64(dtype):
 def test_cuda_half_query_moments_without_padding_skip_the_mask(dtype):
     """Without padding the capture passes the columns after the sinks as a slice and no mask: the same
     moments as the masked path, and within the queries' precision of float64."""
-    from zigzag.api import _QueryCapture
     from zigzag.kernels.moments import query_moments_half
+    from zigzag.pipeline.capture import QueryCapture
 
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     batch, seq, heads, d, skip = 2, 2500, 4, 64, 4
     q = (torch.randn(batch, seq, heads, d, generator=gen) + 4.0 * torch.randn(1, 1, heads, d, generator=gen)).to("cuda", dtype)
     valid = torch.ones(batch, seq, dtype=torch.bool, device="cuda")
-    fast = _QueryCapture(window=0, stats_skip=skip, heads=heads, head_dim=d, valid=valid, padded=False)
-    masked = _QueryCapture(window=0, stats_skip=skip, heads=heads, head_dim=d, valid=valid, padded=True)
-    fast._statistics(0, q)
-    masked._statistics(0, q)
+    fast = QueryCapture(window=0, stats_skip=skip, heads=heads, head_dim=d, valid=valid, padded=False)
+    masked = QueryCapture(window=0, stats_skip=skip, heads=heads, head_dim=d, valid=valid, padded=True)
+    projected = q.reshape(batch, seq, heads * d)  # what the query projection's hook sees
+    fast.hook(0)(None, None, projected)
+    masked.hook(0)(None, None, projected)
     torch.testing.assert_close(fast.mean[0], masked.mean[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast.cov[0], masked.cov[0], atol=1e-4, rtol=1e-3)  # shifts may differ by an ulp
     q64 = q[:, skip:].double()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tests.conftest import tiny_llama
 from tests.reference import keep_masks, masked_reference
-from zigzag import prefill_context
+from zigzag import cache_kwarg, prefill_context
 from zigzag.cache.attention import RaggedKeys
 from zigzag.merge import CosineMerge
 
@@ -52,9 +52,9 @@ def test_merged_cache_matches_masked_reference_with_merged_values(attn, preserve
     full_mask = torch.cat([mask, torch.ones(batch, q, dtype=torch.long)], dim=-1)
     positions = (full_mask.cumsum(-1) - 1)[:, -q:]
     with torch.no_grad():
-        ours = model(input_ids=new, attention_mask=full_mask, position_ids=positions, past_key_values=cache).logits
+        ours = model(input_ids=new, attention_mask=full_mask, position_ids=positions, **cache_kwarg(model, cache)).logits
         with masked_reference(model, keep_masks(cache.kept_positions, seq), biases or None):
-            ref = model(input_ids=new, attention_mask=full_mask, position_ids=positions, past_key_values=reference).logits
+            ref = model(input_ids=new, attention_mask=full_mask, position_ids=positions, **cache_kwarg(model, reference)).logits
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
 
 

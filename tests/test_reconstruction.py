@@ -8,10 +8,9 @@ import torch
 
 from tests.conftest import tiny_llama
 from zigzag import compress_cache, prefill_context
-from zigzag.testing.needle import needle_prompt
 from zigzag.pipeline.reconstruction import max_attention, reconstruction_scores
-from zigzag.scorers import Reconstruction
-from zigzag.scorers import KVzip, get_scorer
+from zigzag.scorers import KVzip, Reconstruction, get_scorer
+from zigzag.testing.needle import needle_prompt
 
 
 def _reference_scores(model, ids: torch.Tensor, valid: torch.Tensor, setup: Reconstruction) -> list[torch.Tensor]:

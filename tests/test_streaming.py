@@ -9,8 +9,8 @@ import torch
 
 from tests.conftest import tiny_llama
 from zigzag import cache_kwarg, compress_cache, prefill_context
-from zigzag.merge import CosineMerge
 from zigzag.cache.varlen import VarlenLayer
+from zigzag.merge import CosineMerge
 
 
 def _batch(seed: int, vocab: int, lengths=(40, 29)) -> dict[str, torch.Tensor]:

@@ -1,43 +1,32 @@
 """The varlen layout (head-wise budgets stored flat): exact against the masked float64 reference,
-its memory, and its prefix backends (plain PyTorch segments, flex_attention uncompiled, and the Triton
-kernels, interpreted without CUDA)."""
+its memory, and its prefix backends (plain PyTorch segments, and the Triton kernel, interpreted
+without CUDA)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
-import warnings
 
 import pytest
 import torch
 
 from tests.conftest import tiny_llama
 from tests.reference import attention, keep_masks, masked_reference
-from zigzag import prefill_context
-from zigzag.cache import varlen
-from zigzag.pipeline.select import build_layer, gather_kept
-from zigzag.cache import CompressedLayer, ZigZagCache, random_cache
-from zigzag.merge import CosineMerge
+from zigzag import cache_kwarg, kernels, prefill_context
+from zigzag.cache import CompressedLayer, ZigZagCache, varlen
 from zigzag.cache.varlen import VarlenKeys, VarlenLayer, segment_attention
+from zigzag.merge import CosineMerge
+from zigzag.pipeline.select import build_layer, gather_kept
+from zigzag.testing.random_cache import random_cache
 
-BACKENDS = ["segment", "flex_eager"]
-# The Triton kernels as well, in Triton's interpreter without CUDA (see tests/conftest.py).
-MODEL_BACKENDS = BACKENDS + (["triton"] if importlib.util.find_spec("triton") else [])
+# The PyTorch reference ("segment" is its old name), and the Triton kernel in Triton's interpreter
+# without CUDA (see tests/conftest.py).
+MODEL_BACKENDS = ["torch"] + (["triton"] if importlib.util.find_spec("triton") else [])
 
 
-@contextlib.contextmanager
-def backend(name: str, kv_block: int = 16):
-    """Use ``name`` for varlen prefixes; flex with small KV blocks so that pieces and blocks are many."""
-    old_backend, old_block = varlen._backend, varlen.KV_BLOCK
-    varlen.set_backend(name)
-    varlen.KV_BLOCK = kv_block
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-            yield
-    finally:
-        varlen._backend, varlen.KV_BLOCK = old_backend, old_block
+def backend(name: str):
+    """Use ``name`` for varlen prefixes inside the block."""
+    return kernels.using("varlen", name)
 
 
 def _naive(q, keys, values, offsets, bias, scale):
@@ -55,31 +44,6 @@ def _naive(q, keys, values, offsets, bias, scale):
         outs.append(logits.softmax(-1) @ values[s:e].double())
         lses.append(logits.logsumexp(-1))
     return torch.stack(outs), torch.stack(lses)
-
-
-@pytest.mark.parametrize("name", BACKENDS)
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_prefix_backends_equal_a_per_segment_softmax(name, with_bias):
-    gen = torch.Generator().manual_seed(5)
-    lengths = torch.tensor([[40, 0, 3], [90, 17, 1], [60, 33, 128]])  # an empty head, skewed heads
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.flatten().cumsum(0)])
-    total, d, m = int(lengths.sum()), 16, 6
-    keys, values = torch.randn(total, d, generator=gen), torch.randn(total, d, generator=gen)
-    q = torch.randn(lengths.numel(), m, d, generator=gen)
-    bias = torch.rand(total, generator=gen) if with_bias else None
-    ref_out, ref_lse = _naive(q, keys, values, offsets, bias, 0.25)
-    with backend(name):
-        layer = VarlenLayer(keys, values, torch.arange(total), lengths, 400, bias)
-        layer.piece_size = lambda: 32  # pieces of at most 32 slots: long heads are cut in several
-        args = layer._prefix_args(name) + (bias,)
-        if name == "segment":
-            out, lse = segment_attention(q, *args, scale=0.25)
-        else:
-            out, lse = varlen._flex_pieces(q, *args, scale=0.25)
-            assert int((layer._pieces[5] < layer._pieces[0].shape[0]).sum()) > lengths.numel()  # really cut
-    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=0)
-    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
-    torch.testing.assert_close(lse.double().nan_to_num(0, 0, 0), ref_lse.nan_to_num(0, 0, 0), atol=1e-5, rtol=0)
 
 
 def _prefill(model, ids, mask):
@@ -126,10 +90,10 @@ def test_varlen_layers_match_masked_reference_while_decoding(attn, name):
             positions = (mask.cumsum(-1) - 1)[:, -new_ids.shape[1] :]
             kwargs = {"input_ids": new_ids, "attention_mask": mask, "position_ids": positions}
             with torch.no_grad():
-                ours = model(past_key_values=cache, **kwargs).logits
-                padded = model(past_key_values=dense_cache, **kwargs).logits
+                ours = model(**cache_kwarg(model, cache), **kwargs).logits
+                padded = model(**cache_kwarg(model, dense_cache), **kwargs).logits
                 with masked_reference(model, keep):
-                    ref = model(past_key_values=reference, **kwargs).logits
+                    ref = model(**cache_kwarg(model, reference), **kwargs).logits
             torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0, msg=f"step {step}")
             torch.testing.assert_close(ours, padded, atol=1e-4, rtol=0, msg=f"step {step}")
             new_ids = ours[:, -1:].argmax(-1)
@@ -155,9 +119,9 @@ def test_adakv_generate_and_merge_match_masked_reference(attn):
     prompt = torch.cat([ids, torch.randint(0, 128, (batch, q), generator=gen)], dim=-1)
     prompt_mask = torch.cat([mask, torch.ones(batch, q, dtype=torch.long)], dim=-1)
     kwargs = {"input_ids": prompt, "attention_mask": prompt_mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
-    ours = model.generate(past_key_values=cache, **kwargs)
+    ours = model.generate(**cache_kwarg(model, cache), **kwargs)
     with masked_reference(model, keep):
-        ref = model.generate(past_key_values=copy.deepcopy(pre.cache), **kwargs)
+        ref = model.generate(**cache_kwarg(model, copy.deepcopy(pre.cache)), **kwargs)
     assert torch.equal(ours, ref)
 
     merged = pre.compress(0.5, "knorm", "adakv", merge=CosineMerge(preserve_mass=True))
@@ -167,9 +131,9 @@ def test_adakv_generate_and_merge_match_masked_reference(attn):
     full_mask = torch.cat([mask, torch.ones(batch, q, dtype=torch.long)], dim=-1)
     positions = (full_mask.cumsum(-1) - 1)[:, -q:]
     with torch.no_grad():
-        out = model(input_ids=new, attention_mask=full_mask, position_ids=positions, past_key_values=merged).logits
+        out = model(input_ids=new, attention_mask=full_mask, position_ids=positions, **cache_kwarg(model, merged)).logits
         with masked_reference(model, keep_masks(merged.kept_positions, seq), biases):
-            ref = model(input_ids=new, attention_mask=full_mask, position_ids=positions, past_key_values=reference).logits
+            ref = model(input_ids=new, attention_mask=full_mask, position_ids=positions, **cache_kwarg(model, reference)).logits
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
@@ -254,13 +218,13 @@ def _continuation_logits(model, ctx, question, cache):
     mask = torch.cat([ctx.attention_mask, torch.ones_like(question)], dim=-1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -question.shape[1] :]
     with torch.no_grad():
-        return model(input_ids=ids[:, -question.shape[1] :], attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+        return model(input_ids=ids[:, -question.shape[1] :], attention_mask=mask, position_ids=positions, **cache_kwarg(model, cache)).logits
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "attn, merge, name",
-    [("sdpa", False, "segment"), ("eager", False, "segment"), ("sdpa", True, "segment")]
+    [("sdpa", False, "torch"), ("eager", False, "torch"), ("sdpa", True, "torch")]
     + ([("sdpa", True, "triton"), ("eager", False, "triton")] if "triton" in MODEL_BACKENDS else []),
 )
 def test_smollm2_adakv_varlen_equals_masked_full_cache(smollm2, attn, merge, name):
@@ -282,39 +246,6 @@ def test_smollm2_adakv_varlen_equals_masked_full_cache(smollm2, attn, merge, nam
     assert (ours - ref).abs().max().item() < 1e-3
     padded_bytes = sum(2 * p.numel() * 64 * 4 for p in cache.kept_positions)  # head_dim 64, float32
     assert held < padded_bytes
-
-
-def test_compiled_flex_path_traces_whole_on_cpu():
-    """The CUDA path's graph (flex_attention with its BlockMask built inside, the tail, the merge) is
-    traced by torch.compile with fullgraph=True; inductor's CPU flex lacks the log-sum-exp output, so
-    this runs the traced graph with the aot_eager backend and compares it with the segment backend."""
-    torch._dynamo.reset()
-    model = tiny_llama("sdpa", seed=6)
-    gen = torch.Generator().manual_seed(1)
-    batch, seq = 2, 40
-    ids = torch.randint(0, 128, (batch, seq), generator=gen)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[0, :4] = 0
-    cache = prefill_context(model, {"input_ids": ids, "attention_mask": mask}).compress(0.5, "knorm", "adakv")
-    other = copy.deepcopy(cache)
-    old = varlen.COMPILE_BACKEND, varlen._compiled
-    varlen.COMPILE_BACKEND, varlen._compiled = "aot_eager", None
-    try:
-        new_ids = torch.randint(0, 128, (batch, 4), generator=gen)
-        full_mask = torch.cat([mask, torch.ones(batch, 4, dtype=torch.long)], dim=-1)
-        for step in range(3):
-            positions = (full_mask.cumsum(-1) - 1)[:, -new_ids.shape[1] :]
-            kwargs = {"input_ids": new_ids, "attention_mask": full_mask, "position_ids": positions}
-            with torch.no_grad(), backend("flex", kv_block=16):
-                compiled = model(past_key_values=cache, **kwargs).logits
-            with torch.no_grad(), backend("segment"):
-                plain = model(past_key_values=other, **kwargs).logits
-            torch.testing.assert_close(compiled, plain, atol=1e-4, rtol=0, msg=f"step {step}")
-            new_ids = plain[:, -1:].argmax(-1)
-            full_mask = torch.cat([full_mask, torch.ones(batch, 1, dtype=torch.long)], dim=-1)
-    finally:
-        varlen.COMPILE_BACKEND, varlen._compiled = old
-        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("d", [16, 4])  # Z = 9 segments: <= d takes the masked dense product, > d the gather
@@ -358,8 +289,8 @@ def test_triton_step_state_follows_the_layer_and_the_mask(monkeypatch):
         with backend("triton"):
             assert layer._resolved_backend() == "triton"
             ours = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, enable_gqa=True)
-        with backend("segment"):
-            assert layer._resolved_backend() == "segment"
+        with backend("segment"):  # the old name of "torch"
+            assert layer._resolved_backend() == "torch"
             ref = layer.attend(query, layer.keys, layer.values, None if mask is None else mask[..., 1:], 0.25, False)
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 

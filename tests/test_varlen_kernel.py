@@ -224,12 +224,28 @@ def test_launch_argument_order_is_the_kernels():
     assert params == expected
 
 
+def test_direct_launch_is_for_the_tested_triton_releases_only():
+    """The direct launch relies on Triton's internal launcher protocol: on only the releases it was
+    tested against, never in the interpreter (which compiles nothing to relaunch)."""
+    from zigzag.kernels import varlen_triton as vk
+
+    assert vk.direct_launch_tested("3.6.0") and vk.direct_launch_tested("3.6.1+gitdeadbeef")
+    assert not any(vk.direct_launch_tested(v) for v in ("3.5.1", "3.7.0", "3.9.0", "3.10.0", "4.6.0"))
+    interpreted = not isinstance(vk._varlen_kernel, triton.runtime.JITFunction)
+    assert vk.direct_launch == (vk.direct_launch_tested(triton.__version__) and not interpreted)
+    if not vk.direct_launch:
+        assert vk._direct_target(True) is None
+
+
 def test_direct_launch_passes_what_triton_was_given(monkeypatch):
     """The first launch of a specialisation goes through Triton and is kept; the next one calls the
     kept kernel's launcher with the same arguments, pointers as integers, on the current stream. A
     misaligned pointer or a launch hook sends it through Triton again. Stand-ins for CUDA and for the
-    compiled kernel, so that this runs on the CPU too."""
+    compiled kernel (and the direct launch allowed whatever this Triton), so that this runs on the CPU
+    too."""
     from zigzag.kernels import varlen_triton as vk
+
+    monkeypatch.setattr(vk, "direct_launch", True)
 
     class CudaLike(torch.Tensor):  # a tensor that says it is on CUDA, and nothing else
         __torch_function__ = torch._C._disabled_torch_function_impl
@@ -274,6 +290,54 @@ def test_direct_launch_passes_what_triton_was_given(monkeypatch):
     hooks[0] = True
     vk.launch(grid, tensors, integers, scale, flags)
     assert len(through) == 3 and len(direct) == 1
+
+
+@pytest.mark.parametrize(("with_tail", "return_lse"), [(False, True), (True, False), (True, True)])
+def test_operator_passes_opcheck(with_tail, return_lse):
+    """zigzag::varlen_attention has a fake and mutates none of its arguments: torch.compile can trace it."""
+    from zigzag.kernels.varlen_triton import varlen_attention_op
+
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    lengths = torch.tensor([[70, 0], [5, 13]])
+    keys, values, offsets, total = _layout(lengths, 16, torch.float32, gen)
+    query = torch.randn(2, 4, 2, 16, generator=gen).to(DEVICE)
+    bias = torch.rand(total, generator=gen).to(DEVICE)
+    tail = mask = None
+    if with_tail:
+        tail = torch.randn(2, 2, 3, 16, generator=gen).to(DEVICE)
+        mask = (torch.rand(2, 1, 2, 3, generator=gen) > 0.3).to(DEVICE)
+    chunk, splits = split_chunk(total, 70, torch.device(DEVICE), block=16)
+    args = (query, keys, values, offsets, bias, tail, tail, mask, 2, chunk, splits, 0.25, False, torch.float32, return_lse)
+    torch.library.opcheck(varlen_attention_op, args)
+
+
+def test_compiled_attend_calls_the_operator():
+    """Under torch.compile, attend is the zigzag::varlen_attention node (fullgraph: no break around
+    the launch), and gives the eager result."""
+    from zigzag.kernels import varlen_triton as vk
+
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    lengths = torch.tensor([[30, 2]])
+    keys, values, offsets, _ = _layout(lengths, 16, torch.float32, gen)
+    prefix = vk.build_prefix(keys, values, offsets, None, kv_heads=2, width=30)
+    query = torch.randn(1, 4, 1, 16, generator=gen).to(DEVICE)
+    tail = torch.randn(1, 2, 3, 16, generator=gen).to(DEVICE)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    step = lambda q: vk.attend(prefix, q, 0.25, torch.float32, tail, tail, None, False, True)
+    torch._dynamo.reset()
+    try:
+        out, lse = torch.compile(step, backend=backend, fullgraph=True)(query)
+    finally:
+        torch._dynamo.reset()
+    assert any("zigzag.varlen_attention" in str(node.target) for node in graphs[0].graph.nodes)
+    ref_out, ref_lse = step(query)
+    torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=0, rtol=0)
 
 
 def test_split_scratch_is_shared_per_stream_when_small(monkeypatch):

@@ -20,6 +20,7 @@ from zigzag.pipeline.inputs import DEFAULT_BUDGET, DEFAULT_SCORER, as_context, c
 from zigzag.pipeline.layerwise import LayerwiseCompressor, chunk_bounds
 from zigzag.scorers import Reconstruction, Scorer
 
+
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

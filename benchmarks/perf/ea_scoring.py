@@ -6,7 +6,7 @@
     python -m benchmarks.perf.ea_scoring --device cuda --seq 32768 --dtype bfloat16 --logits-sweep
 
 ``--backends`` compares the working tree's scorer with itself instead: its PyTorch path against its
-Triton kernel (``zigzag.scorers.expected_attention.set_backend`` before each call), the "baseline"
+Triton kernel (``zigzag.kernels.set_backend("ea", ...)`` before each call), the "baseline"
 being the PyTorch path. ``--logits-sweep`` times only the logits step (``z`` for every key and query
 head, which the kernel replaces): the PyTorch loop and the kernel at each of a few tile configurations
 (``BLOCK_N, BLOCK_D, BLOCK_J, num_warps, num_stages``; ``default`` is the kernel's own choice), under
@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 
 import zigzag.scorers.expected_attention as ea
-from benchmarks.perf.revisions import import_source, source_at
 from benchmarks.cli import HelpFormatter
+from benchmarks.perf.revisions import import_source, source_at
 from benchmarks.perf.run import median_ms
 from zigzag import ExpectedAttention
+from zigzag.kernels import set_backend
 from zigzag.pipeline.select import score_layer
 from zigzag.scorers import LayerView
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         names = {"baseline": "torch", "working tree": "triton"}
 
         def run(name: str) -> torch.Tensor:
-            ea.set_backend(names[name])
+            set_backend("ea", names[name])
             return score_layer(scorer, layer)
 
         label = "baseline (torch path) / working tree (Triton kernel)"
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
             run(name)
             sync()
             times[name].append(time.perf_counter() - start)
-    ea.set_backend("auto")
+    set_backend("ea", "auto")
 
     old, new = scores["baseline"], scores["working tree"]
     keep = args.seq // 2
@@ -182,7 +183,7 @@ def logits_sweep(layer: LayerView, repeats: int, sync) -> None:
     out = torch.empty(batch, kv_heads, groups, seq, device=keys.device)
     runs = {"torch": lambda: ea._torch_logits(keys, weights, out)}
     if keys.is_cuda:
-        kernel = ea._kernel()
+        from zigzag.kernels import ea_triton as kernel
         runs["kernel default"] = lambda: kernel.group_logits(keys, weights, out=out, precision="tf32")
         for config in SWEEP_CONFIGS if head_dim == 128 else []:
             runs[f"kernel {config}"] = lambda c=config: kernel.group_logits(

@@ -20,9 +20,12 @@ loop (synchronised once at the end) is its host cost:
 
 Prints one table of microseconds per call (median of ``--repeats`` loops).
 
+``--memos`` times, on the CPU, each memo of the varlen decoding step against what it saves computing
+(the figures in the comments beside them): microseconds per call, the best of 7 loops of ``--calls``.
+
 ``--compare REV`` measures something else, on the CPU: the varlen layer step of this tree against the
-same step with ``zigzag/varlen.py`` and ``zigzag/varlen_kernel.py`` taken from git revision ``REV``
-(the rest of the package is this tree's), the kernel launch replaced by a no-op in both, so that only
+same step with ``zigzag/cache/varlen.py`` and ``zigzag/kernels/varlen_triton.py`` taken from git revision
+``REV`` (the rest of the package is this tree's), the kernel launch replaced by a no-op in both, so that only
 the host work above the launch is timed. The step is the model's: ``update``, then transformers'
 ``sdpa_attention_forward`` with the returned keys, over ``--layers`` layers that share one attention
 mask per step. The two run interleaved, ``--rounds`` rounds of ``--steps`` steps, alternating which
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 import types
@@ -46,6 +50,7 @@ from benchmarks.cli import HelpFormatter
 from benchmarks.perf.revisions import import_source, source_at
 from zigzag.cache import CompressedLayer
 from zigzag.cache.varlen import VarlenLayer
+from zigzag.kernels import set_backend
 
 
 def per_call_us(fn, calls: int, repeats: int, sync) -> float:
@@ -129,13 +134,35 @@ def components(args) -> None:
 # ---------------------------------------------------------------------------------------------- --compare
 
 
+LAYOUTS = (("zigzag/cache/varlen.py", "zigzag/kernels/varlen_triton.py"), ("zigzag/varlen.py", "zigzag/varlen_kernel.py"))
+"""Where the varlen layer and its kernel module lived: now, and before the package's layout changed."""
+
+
 def _modules_at(rev: str, folder: str) -> tuple[types.ModuleType, types.ModuleType]:
-    """``zigzag/varlen.py`` and ``zigzag/varlen_kernel.py`` as of git revision ``rev``, imported under
-    other names, the first using the second for its kernels."""
-    kernel = import_source("_at_0_varlen_kernel", source_at(rev, "zigzag/varlen_kernel.py"), folder)
-    layer = import_source("_at_1_varlen", source_at(rev, "zigzag/varlen.py"), folder)
+    """The varlen layer and kernel modules as of git revision ``rev``, imported under other names,
+    the first using the second for its kernels."""
+    for layer_path, kernel_path in LAYOUTS:
+        try:
+            layer_source, kernel_source = source_at(rev, layer_path), source_at(rev, kernel_path)
+            break
+        except subprocess.CalledProcessError:
+            continue
+    else:
+        raise FileNotFoundError(f"no varlen modules at {rev} (looked for {LAYOUTS})")
+    # Its operators under another namespace: this tree's registered theirs under zigzag:: already.
+    kernel_source = kernel_source.replace('custom_op("zigzag::', 'custom_op("zigzag_at_rev::')
+    kernel = import_source("_at_0_varlen_kernel", kernel_source, folder)
+    layer = import_source("_at_1_varlen", layer_source, folder)
     layer._triton_kernels = lambda: kernel
     return layer, kernel
+
+
+def _use_triton(layer_module: types.ModuleType) -> None:
+    """The Triton backend for ``layer_module``'s layers: its own setter where it had one (before the
+    one kernel switch), else the switch."""
+    if hasattr(layer_module, "set_backend"):
+        layer_module.set_backend("triton")
+    set_backend("varlen", "triton")
 
 
 def _no_launch(*args) -> None:
@@ -173,7 +200,7 @@ def compare(args) -> None:
         varlen_there, kernel_there = _modules_at(args.compare, folder)
         trees = {args.compare: (varlen_there, kernel_there), "this tree": (varlen_here, kernel_here)}
         for layer_module, kernel in trees.values():
-            layer_module.set_backend("triton")
+            _use_triton(layer_module)
             for name in ("launch", "_launch_on"):  # the launch entry points of either version
                 if hasattr(kernel, name):
                     setattr(kernel, name, _no_launch)
@@ -206,6 +233,51 @@ def compare(args) -> None:
             print(f"| {case} | {there:.1f} | {here:.1f} | {ratio:.3f} |")
 
 
+def memos(args) -> None:
+    """Each memo of the varlen decoding step, hit, against the computation it saves (CPU)."""
+    import timeit
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend on CPU tensors; nothing is launched
+    import zigzag.cache.varlen as layer_module
+    import zigzag.kernels.varlen_triton as vk
+    from zigzag.cache.attention import _plain
+
+    torch.set_num_threads(1)
+    set_backend("varlen", "triton")
+    batch, kv_heads, d, n = 4, 8, 128, 256
+    lengths = torch.full((batch, kv_heads), n)
+    lengths[:, 0], lengths[:, 1] = n // 2, n + n // 2
+    total = int(lengths.sum())
+    flat = torch.randn(total, d)
+    layer = VarlenLayer(flat, flat, torch.arange(total) % n, lengths, n)
+    layer.update(torch.randn(batch, kv_heads, 1, d), torch.randn(batch, kv_heads, 1, d))
+    mask = torch.ones(batch, 1, 1, 1 + layer.appended, dtype=torch.bool)
+    tail = layer_module._tail_of(_plain(mask), layer.appended)
+    shape = (batch, 32, 1, layer.appended)
+
+    def import_statement():
+        from zigzag.kernels import varlen_triton
+
+        return varlen_triton
+
+    rows = [
+        ("_triton_kernels()", layer_module._triton_kernels, import_statement),
+        ("_resolved_backend()", layer._resolved_backend, lambda: layer_module.get_backend(layer.device)),
+        ("_triton_prefix()", layer._triton_prefix, lambda: vk.build_prefix(
+            layer.prefix_keys, layer.prefix_values, layer.offsets, None, kv_heads=kv_heads, width=layer.width)),
+        ("_sdpa_tail_mask()", lambda: layer_module._sdpa_tail_mask(mask, layer.appended),
+         lambda: layer_module._tail_of(_plain(mask), layer.appended)),
+        ("_kernel_mask()", lambda: vk._kernel_mask(tail, shape),
+         lambda: (tail.view(torch.uint8), vk._mask_strides(tail, shape))),
+    ]  # fmt: skip
+    best = lambda fn: min(timeit.repeat(fn, number=args.calls, repeat=7)) / args.calls * 1e6
+    print("| memo (CPU) | hit us | computed us |")
+    print("|---|---|---|")
+    for name, hit, computed in rows:
+        hit()  # fill the memo
+        print(f"| {name} | {best(hit):.2f} | {best(computed):.2f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.perf.host_overhead", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--slots", type=int, default=1024, help="cached tokens per KV head")
@@ -213,11 +285,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="repeats per component; the median is printed")
     parser.add_argument("--device", default="cuda", help="cuda; cpu runs the kernel in Triton's interpreter (a check)")
     parser.add_argument("--compare", metavar="REV", help="time this tree's varlen layer step against revision REV (None: no comparison)")
+    parser.add_argument("--memos", action="store_true", help="time the varlen step's memos against their computation (CPU)")
     parser.add_argument("--layers", type=int, default=4, help="--compare: layers per decoding step")
     parser.add_argument("--rounds", type=int, default=40, help="--compare: interleaved rounds")
     parser.add_argument("--steps", type=int, default=100, help="--compare: decoding steps per round")
     args = parser.parse_args(argv)
-    if args.compare:
+    if args.memos:
+        memos(args)
+    elif args.compare:
         compare(args)
     else:
         components(args)

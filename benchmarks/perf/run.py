@@ -45,7 +45,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from benchmarks.cli import HelpFormatter
-from zigzag import compress_cache
+from zigzag import cache_kwarg, compress_cache
 from zigzag.cache.varlen import VarlenLayer, get_backend
 
 GIB = 2**30
@@ -137,7 +137,7 @@ def cache_bytes(cache) -> int:
 @torch.no_grad()
 def plain_prefill(model, ids: torch.Tensor) -> DynamicCache:
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1)
     return cache
 
 
@@ -170,7 +170,7 @@ def _decode_steps(model, cache, token, mask, length, steps, meter) -> list[float
         position = torch.full((batch, 1), length + step, device=model.device)
         meter.sync()
         start = time.perf_counter()
-        model(input_ids=token, attention_mask=mask[:, : length + step + 1], position_ids=position, past_key_values=cache, use_cache=True)
+        model(input_ids=token, attention_mask=mask[:, : length + step + 1], position_ids=position, **cache_kwarg(model, cache), use_cache=True)
         meter.sync()
         if step >= 2:
             times.append(time.perf_counter() - start)

@@ -5,7 +5,7 @@
 
 :func:`zigzag.scorers.window_mass_sum` is what SnapKV scores and ZigZag's LMBA is measured on: the
 softmax attention of the last ``--window`` queries over every key, summed over those queries. Both
-backends (``zigzag.scorers.set_mass_backend``) run on the same random layer (Llama-3.1-8B head layout
+backends (``zigzag.kernels.set_backend("mass", ...)``) run on the same random layer (Llama-3.1-8B head layout
 by default: 32 query heads, 8 KV heads, head_dim 128, batch 1, bfloat16), under TF32 as in the
 pipeline, alternating so that drift hits both; the device is synchronised around each call.
 
@@ -23,9 +23,10 @@ import torch
 
 from benchmarks.cli import HelpFormatter
 from benchmarks.perf.run import median_ms
+from zigzag.kernels import set_backend
 from zigzag.kernels.precision import tf32_matmuls
 from zigzag.kernels.switch import triton_runs_on
-from zigzag.scorers import set_mass_backend, window_mass_sum
+from zigzag.scorers import window_mass_sum
 
 SWEEP = [None, (64, 256, 64, 128, 8), (64, 128, 32, 128, 4), (64, 128, 64, 128, 4), (64, 128, 128, 128, 8), (64, 64, 64, 128, 4)]
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
                 from zigzag.kernels.mass_triton import window_mass_sum as kernel
 
                 return kernel(queries, keys, None, scaling, precision="tf32", config=config)
-            set_mass_backend(backend)
+            set_backend("mass", backend)
             return window_mass_sum(queries, keys, valid, scaling, padded=False)
 
     reference = run("torch")
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
             ms = _warm_median(lambda config=config: run("triton", config), args.repeats, sync)
             err = (out - reference).abs().max().item()
             print(f"kernel {config or 'default'}: {ms:.3f} ms, {torch_ms / ms:.2f}x faster, max |difference| {err:.2e}")
-    set_mass_backend("auto")
+    set_backend("mass", "auto")
 
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 
 from benchmarks.cli import HelpFormatter
 from benchmarks.ruler.tasks import TASKS, Sample, generate_task, score_output
-from zigzag import get_budget, get_scorer, prefill_context
+from zigzag import cache_kwarg, get_budget, get_scorer, prefill_context
 from zigzag.merge import CosineMerge
-from zigzag.scorers.kvzip import DEFAULT_PROMPT, Reconstruction
 from zigzag.scorers import with_reconstruction
+from zigzag.scorers.kvzip import DEFAULT_PROMPT, Reconstruction
 
 MERGE_MODES = {"off": None, "cosine": CosineMerge(), "cosine+mass": CosineMerge(preserve_mass=True)}
 
@@ -145,7 +145,7 @@ def run_batch(
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
-            past_key_values=cache,
+            **cache_kwarg(model, cache),
             max_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=pad,

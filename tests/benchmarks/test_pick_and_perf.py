@@ -15,6 +15,7 @@ from benchmarks.perf import profile as perf_profile
 from benchmarks.perf import run as perf
 from benchmarks.ruler.pick import pick
 from benchmarks.ruler.report import CORE_TASKS
+from zigzag import cache_kwarg
 
 
 def _write(out: Path, rows: list[tuple[str, str, float, float]]) -> None:
@@ -90,7 +91,7 @@ def test_heads_section_times_every_budget_at_every_batch(tmp_path, capsys, one_t
 def _next_logits(model, cache, length):
     token = torch.zeros(1, 1, dtype=torch.long)
     out = model(input_ids=token, attention_mask=torch.ones(1, length + 1, dtype=torch.long),
-                position_ids=torch.tensor([[length]]), past_key_values=cache, use_cache=True)
+                position_ids=torch.tensor([[length]]), **cache_kwarg(model, cache), use_cache=True)
     perf.restore_length(cache, length)
     return out.logits
 

@@ -113,11 +113,10 @@ def _fewer_tasks_run(out: Path, tasks: tuple[str, ...]) -> Path:
             for scorer, budget, scores in [("none", "none", {0.0: 80.0}), ("ea", "uniform", {0.5: 60.0, 0.75: 40.0}),
                                            ("knorm", "zigzag", {0.5: 30.0})]:
                 for ratio, score in scores.items():
-                    for i, task in enumerate(tasks):
-                        f.write(json.dumps({
+                    f.writelines(json.dumps({
                             "task": task, "index": 0, "protocol": protocol, "setting": f"{scorer}|{budget}|{ratio:g}|off",
                             "scorer": scorer, "budget": budget, "ratio": ratio, "merge": "off", "score": score - 10 * i,
-                        }) + "\n")
+                        }) + "\n" for i, task in enumerate(tasks))
     return out
 
 

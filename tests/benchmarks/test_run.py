@@ -27,8 +27,10 @@ ARGS = [
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2) -> Path:
-    _, tok = smollm2
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from zigzag.testing.models import load_smollm2_tokenizer
+
+    tok = load_smollm2_tokenizer()
     folder = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
     config = LlamaConfig(

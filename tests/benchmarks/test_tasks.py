@@ -22,8 +22,11 @@ RETRIEVAL = [t for t in TASKS if t.startswith("niah") or t in ("vt", "qa_1")]
 
 
 @pytest.fixture(scope="module")
-def tok(smollm2):
-    return smollm2[1]
+def tok():
+    """SmolLM2's real tokenizer; the model itself is not needed here (nor loaded)."""
+    from zigzag.testing.models import load_smollm2_tokenizer
+
+    return load_smollm2_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from zigzag import kernels
 from zigzag.merge import MERGES, CosineMerge, MergeResult, get_merge, merge_chunked, merge_reference
 from zigzag.merge.base import merge_quota
 
@@ -425,7 +426,7 @@ def test_get_merge():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"threshold": 1.5}, {"fraction": 0.0}, {"fraction": 1.2}, {"chunk_size": 0}, {"backend": "cuda"}]
+    "kwargs", [{"threshold": 1.5}, {"fraction": 0.0}, {"fraction": 1.2}, {"chunk_size": 0}]
 )
 def test_cosine_merge_rejects_bad_hyperparameters(kwargs):
     with pytest.raises(ValueError):
@@ -449,9 +450,8 @@ def test_merge_rejects_bad_inputs():
         merge_chunked(k, v, kept, valid, fraction=0)
     with pytest.raises(ValueError, match="chunk_size"):
         merge_chunked(k, v, kept, valid, chunk_size=-3)
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="triton"):
-            CosineMerge(backend="triton").merge(k, v, kept, valid)
+    with pytest.raises(ValueError, match="merge backend"):
+        kernels.set_backend("merge", "cuda")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -558,7 +558,8 @@ def test_cuda_matches_reference(backend, dtype):
             continue
         expected = merge_reference(*case.args, threshold=threshold, fraction=fraction)
         cuda = [t.cuda() for t in case.args]
-        got = CosineMerge(threshold=threshold, fraction=fraction, backend=backend).merge(*cuda)
+        with kernels.using("merge", backend):
+            got = CosineMerge(threshold=threshold, fraction=fraction).merge(*cuda)
         assert got.values.is_cuda and got.counts.is_cuda
         assert_same(MergeResult(got.values.cpu(), got.counts.cpu()), expected, atol=tol, rtol=tol)
         checked += 1
@@ -611,13 +612,33 @@ def test_triton_search_kernel_in_the_interpreter(dtype):
     assert agree > 0.98  # near-ties may pick another slot in float16
 
 
-@pytest.mark.gpu
-def test_triton_op_has_a_fake_implementation():
+def test_triton_op_passes_opcheck():
+    """zigzag::cosine_best_match has a fake and mutates nothing (in the interpreter without CUDA)."""
     pytest.importorskip("triton")
-    from zigzag.merge.triton import cosine_best_match
+    from zigzag.kernels.merge_triton import cosine_best_match
 
-    keys = torch.randn(1, 2, 100, 64, device="cuda", dtype=torch.bfloat16)
-    surv = torch.randn(1, 2, 30, 64, device="cuda", dtype=torch.bfloat16)
+    device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    keys = torch.randn(1, 2, 40, 16, device=device, dtype=dtype)
+    surv = torch.randn(1, 2, 12, 16, device=device, dtype=dtype)
     inv = 1.0 / surv.float().norm(dim=-1)
-    searched = torch.rand(1, 2, 100, device="cuda") > 0.5
+    searched = torch.rand(1, 2, 40, device=device) > 0.5
     torch.library.opcheck(cosine_best_match, (keys, surv, inv, searched))
+
+
+def test_switch_sends_cosine_merge_to_the_kernel():
+    """CosineMerge follows the "merge" switch: the kernel (in the interpreter without CUDA) gives the
+    PyTorch path's merge where no decision is a near tie."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for seed in range(20):
+        case = build_case(int(torch.randint(0, 10_000, ())), batch=2, kv_heads=2, seq=60, head_dim=16, pad=True)
+        if decisions_are_robust(case, 0.0, 1.0, tol=1e-4):
+            break
+    else:
+        pytest.skip("no case without near ties")
+    args = [t.to(device) for t in case.to(torch.float32).args]
+    out = {}
+    for backend in ("torch", "triton"):
+        with kernels.using("merge", backend):
+            out[backend] = CosineMerge().merge(*args)
+    assert_same(out["triton"], out["torch"], atol=1e-5, rtol=1e-5)

@@ -15,9 +15,10 @@ import torch
 triton = pytest.importorskip("triton")
 
 import zigzag.scorers.expected_attention as ea
+from zigzag import kernels
+from zigzag.kernels.ea_triton import ea_group_logits, group_logits
 from zigzag.kernels.precision import tf32_matmuls, tf32_matmuls_enabled
 from zigzag.scorers import ExpectedAttention
-from zigzag.kernels.ea_triton import group_logits
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -98,9 +99,18 @@ def test_kernel_writes_into_out_and_checks_arguments():
     assert group_logits(keys[:, :, :0], weights, precision="ieee").shape == (1, 2, 3, 0)
 
 
+def test_operator_passes_opcheck():
+    """zigzag::ea_group_logits writes its ``out`` (declared) and has a fake: torch.compile can trace it."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    keys = torch.randn(1, 2, 9, 16, generator=gen).to(DEVICE)
+    weights = _weights(1, 2, 2, 16, gen).to(DEVICE)
+    out = torch.empty(1, 2, 2, 9, device=DEVICE)
+    torch.library.opcheck(ea_group_logits, (keys, weights, out, "ieee", [64, 16, 16, 4, 2]))
+
+
 def test_backend_switch(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
-        ea.set_backend("cuda")
+        kernels.set_backend("ea", "cuda")
     monkeypatch.setattr(ea._SWITCH, "name", "auto")
     cpu = torch.zeros(1, 2, 5, 16)
     assert not ea._use_kernel(cpu)  # auto: the kernel for CUDA keys only, even under the interpreter

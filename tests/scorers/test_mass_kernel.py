@@ -13,8 +13,10 @@ import torch
 triton = pytest.importorskip("triton")
 
 import zigzag.scorers._window as window_module
-from zigzag.scorers import SnapKV, window_mass_sum
+from zigzag import kernels
+from zigzag.kernels.mass_triton import window_mass_op
 from zigzag.kernels.mass_triton import window_mass_sum as kernel_mass
+from zigzag.scorers import SnapKV, window_mass_sum
 from zigzag.scorers.base import LayerView
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -106,9 +108,20 @@ def test_kernel_checks_arguments():
         kernel_mass(q.double(), k.double(), None, 1.0)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_operator_passes_opcheck(padded):
+    """zigzag::window_mass_sum has a fake and mutates nothing: torch.compile can trace it."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    queries, keys = _inputs(1, 4, 2, 3, 20, 16, torch.float32, True, gen)
+    valid = torch.ones(1, 20, dtype=torch.bool, device=DEVICE)
+    valid[0, :3] = False
+    config = [16, 32, 16, 16, 4]  # (W, BLOCK_R, BLOCK_N, BLOCK_D, num_warps): two key blocks
+    torch.library.opcheck(window_mass_op, (queries, keys, valid if padded else None, 0.25, "ieee", config))
+
+
 def test_backend_switch(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
-        window_module.set_mass_backend("cuda")
+        kernels.set_backend("mass", "cuda")
     switch = window_module._MASS_SWITCH
     monkeypatch.setattr(switch, "name", "auto")
     cpu = torch.zeros(1, 2, 5, 16)

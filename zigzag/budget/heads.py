@@ -26,7 +26,14 @@ import torch
 
 from zigzag.budget.apportion import apportion
 from zigzag.budget.base import BudgetAllocator, check_allocate_args, lmba_values
-from zigzag.budget.zigzag import ZIGZAG_OPTIONS, _check_tau, check_variant_options, lmba_per_head, variant_cap, zigzag_bound
+from zigzag.budget.zigzag import (
+    ZIGZAG_OPTIONS,
+    _check_tau,
+    check_variant_options,
+    lmba_per_head,
+    variant_cap,
+    zigzag_bound,
+)
 
 __all__ = ["ZigZagHeads", "layer_mean_budgets", "zigzag_head_budgets"]
 

@@ -39,6 +39,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zigzag.cache.refeed import check_mask
+
 # Shape-only operations that attention code applies to keys before using them (`repeat_kv`, GQA
 # packing, transposes): their results are still the same keys, so they keep the slot information.
 _KEY_VIEW_OPS = {
@@ -117,6 +119,7 @@ def layer_mask(
     causal: bool,
     dtype: torch.dtype | None = None,
     prefix_bias: torch.Tensor | None = None,
+    layer=None,
 ) -> torch.Tensor:
     """The full mask of one compressed layer.
 
@@ -131,6 +134,8 @@ def layer_mask(
         dtype: None for a bool mask; a float dtype for an additive one (0 or the dtype's minimum).
         prefix_bias: ``(batch, 1 or kv_heads, prefix)`` float added to the logits of the compressed
             slots (``log(count)`` of merged survivors), or None. Forces an additive mask.
+        layer: the :class:`~zigzag.cache.CompressedLayer` attended, or None; it drops this call's tokens
+            again if :func:`~zigzag.cache.refeed.check_mask` refuses them.
 
     Returns:
         ``(batch, 1 or heads, q_rows or 1, prefix + n_tail)``, bool or ``dtype``.
@@ -145,6 +150,7 @@ def layer_mask(
                 f"{MASK_LOOKBACK + n_tail} for {n_tail} tokens appended after compression: was the cache "
                 "used with an attention mask that does not cover the original context?"
             )
+        check_mask(tail_mask, layer)  # new tokens fed where the compressed context already is
         tail = tail_mask[..., MASK_LOOKBACK:]
     if dtype is None and tail.dtype != torch.bool:
         dtype = tail.dtype
@@ -166,7 +172,7 @@ def layer_mask(
 
 
 def _ragged_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-    prefix_valid, prefix_full, prefix_bias = key._prefix_valid, key._prefix_full, key._prefix_bias
+    prefix_valid, prefix_full, prefix_bias, layer = key._prefix_valid, key._prefix_full, key._prefix_bias, key._layer
     query, key, value = _plain(query), _plain(key), _plain(value)
     if prefix_full and prefix_bias is None and attn_mask is None and query.shape[-2] == 1:
         # Decoding one token with every slot real and no padding: no mask at all, so that SDPA may
@@ -184,6 +190,7 @@ def _ragged_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
         causal=bool(is_causal),
         dtype=query.dtype if prefix_bias is not None else None,
         prefix_bias=prefix_bias,
+        layer=layer,
     )
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=False, scale=scale, **kwargs
@@ -198,20 +205,27 @@ class RaggedKeys(torch.Tensor):
     ``_prefix_full``: a plain bool, True when every slot holds a token; known when the layer is built,
     so that attention never has to ask the device (a host sync per layer) to find out.
     ``_prefix_bias``: ``(batch, 1 or kv_heads, prefix)`` float added to the prefix logits, or None.
+    ``_layer``: the :class:`~zigzag.cache.CompressedLayer` the keys came from, or None.
     """
 
     _prefix_valid: torch.Tensor
     _prefix_full: bool
     _prefix_bias: torch.Tensor | None
+    _layer: object
 
     @staticmethod
     def wrap(
-        keys: torch.Tensor, prefix_valid: torch.Tensor, prefix_full: bool, prefix_bias: torch.Tensor | None = None
+        keys: torch.Tensor,
+        prefix_valid: torch.Tensor,
+        prefix_full: bool,
+        prefix_bias: torch.Tensor | None = None,
+        layer=None,
     ) -> RaggedKeys:
         out = keys.as_subclass(RaggedKeys)
         out._prefix_valid = prefix_valid
         out._prefix_full = prefix_full
         out._prefix_bias = prefix_bias
+        out._layer = layer
         return out
 
     @classmethod
@@ -223,9 +237,9 @@ class RaggedKeys(torch.Tensor):
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
         if func in _KEY_VIEW_OPS and isinstance(out, torch.Tensor):
-            return RaggedKeys.wrap(out, source._prefix_valid, source._prefix_full, source._prefix_bias)
+            return RaggedKeys.wrap(out, source._prefix_valid, source._prefix_full, source._prefix_bias, source._layer)
         if func in _MATMUL_OPS and isinstance(args[1], RaggedKeys):
-            return _RaggedScores.wrap(out, source._prefix_valid, source._prefix_bias)
+            return _RaggedScores.wrap(out, source._prefix_valid, source._prefix_bias, source._layer)
         return out
 
 
@@ -234,26 +248,28 @@ class _RaggedScores(torch.Tensor):
 
     _prefix_valid: torch.Tensor
     _prefix_bias: torch.Tensor | None
+    _layer: object
 
     @staticmethod
-    def wrap(scores: torch.Tensor, prefix_valid: torch.Tensor, prefix_bias: torch.Tensor | None) -> _RaggedScores:
+    def wrap(scores: torch.Tensor, prefix_valid: torch.Tensor, prefix_bias: torch.Tensor | None, layer=None) -> _RaggedScores:
         out = scores.as_subclass(_RaggedScores)
         out._prefix_valid = prefix_valid
         out._prefix_bias = prefix_bias
+        out._layer = layer
         return out
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         source = _ragged_arg(args)
-        prefix_valid, prefix_bias = source._prefix_valid, source._prefix_bias
+        prefix_valid, prefix_bias, layer = source._prefix_valid, source._prefix_bias, source._layer
         if func in _SCALE_OPS and not any(isinstance(a, torch.Tensor) and a.dim() > 0 for a in args[1:]):
             with torch._C.DisableTorchFunctionSubclass():
-                return _RaggedScores.wrap(func(*args, **kwargs), prefix_valid, prefix_bias)
+                return _RaggedScores.wrap(func(*args, **kwargs), prefix_valid, prefix_bias, layer)
         scores = next(_plain(a) for a in args if isinstance(a, _RaggedScores))
         if func in _ADD_OPS:
             other = next(_plain(a) for a in args if not isinstance(a, _RaggedScores))
-            return scores + _full_additive_mask(scores, prefix_valid, other, prefix_bias)
+            return scores + _full_additive_mask(scores, prefix_valid, other, prefix_bias, layer)
         # Anything else (softmax, say) means the model added no mask: apply the layer's own first.
         masked = scores + _full_additive_mask(scores, prefix_valid, None, prefix_bias)
         args = tuple(masked if isinstance(a, _RaggedScores) else a for a in args)
@@ -261,7 +277,7 @@ class _RaggedScores(torch.Tensor):
             return func(*args, **kwargs)
 
 
-def _full_additive_mask(scores: torch.Tensor, prefix_valid: torch.Tensor, tail, prefix_bias=None) -> torch.Tensor:
+def _full_additive_mask(scores: torch.Tensor, prefix_valid: torch.Tensor, tail, prefix_bias=None, layer=None) -> torch.Tensor:
     n_tail = scores.shape[-1] - prefix_valid.shape[-1]
     return layer_mask(
         prefix_valid,
@@ -272,4 +288,5 @@ def _full_additive_mask(scores: torch.Tensor, prefix_valid: torch.Tensor, tail, 
         causal=True,
         dtype=scores.dtype,
         prefix_bias=prefix_bias,
+        layer=layer,
     )

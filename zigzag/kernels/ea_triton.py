@@ -28,6 +28,10 @@ then the contiguous one of ``weights``, the layout tensor cores take for TF32 op
 **Precision.** Products in TF32 (``precision="tf32"``, what the scorer's torch path gets under
 :func:`zigzag.pipeline.select.score_layer`) or IEEE float32 (``"ieee"``: the tests, and CUDA when PyTorch's
 float32 matmuls are not TF32), always with float32 accumulation.
+
+**Operator.** The launch is ``zigzag::ea_group_logits`` (a ``torch.library.custom_op`` that writes
+its ``out`` argument) with a fake implementation, so that torch.compile traces through it; the
+arguments are checked before, in :func:`group_logits`.
 """
 
 from __future__ import annotations
@@ -178,6 +182,19 @@ def group_logits(
     block_n, block_d, block_j, num_warps, num_stages = _config(head_dim, precision) if config is None else config
     if block_d < head_dim or block_j > block_d:
         raise ValueError(f"config needs BLOCK_D >= head_dim ({head_dim}) and BLOCK_J <= BLOCK_D; got {config}")
+    ea_group_logits(keys, weights, out, precision, [block_n, block_d, block_j, num_warps, num_stages])
+    return out
+
+
+@torch.library.custom_op("zigzag::ea_group_logits", mutates_args=("out",))
+def ea_group_logits(
+    keys: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, precision: str, config: list[int]
+) -> None:
+    """The launch of :func:`group_logits` (arguments checked there, ``config`` resolved): writes ``out``
+    ``(batch, kv_heads, groups, seq)``. An operator so that torch.compile traces through it."""
+    batch, kv_heads, seq, head_dim = keys.shape
+    groups = out.shape[2]
+    block_n, block_d, block_j, num_warps, num_stages = config
     grid = (triton.cdiv(seq, block_n), batch * kv_heads)
     with torch.cuda.device(keys.device) if keys.is_cuda else contextlib.nullcontext():  # launch on the keys' GPU
         _ea_logits_kernel[grid](
@@ -197,4 +214,8 @@ def group_logits(
             num_warps=num_warps,
             num_stages=num_stages,
         )
-    return out
+
+
+@ea_group_logits.register_fake
+def _(keys, weights, out, precision, config) -> None:
+    return None

@@ -2,34 +2,19 @@
 
 :func:`gather_split` is what :func:`zigzag.pipeline.select.gather_kept` and the streaming prefill use. On CUDA a
 Triton kernel (:mod:`zigzag.kernels.gather_triton`) does keys and values in one launch and writes the
-rank-major layout directly; elsewhere, or with ``set_gather_backend("torch")``, :func:`gather_split_torch`
+rank-major layout directly; elsewhere, or with ``set_backend("gather", "torch")`` (the ``"gather"``
+switch of :mod:`zigzag.kernels`, ``ZIGZAG_GATHER_BACKEND``), :func:`gather_split_torch`
 (``torch.gather``) does, and is the reference the kernel is tested against (the results are equal
 bit for bit: both only copy).
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from zigzag.kernels.switch import KernelSwitch
+from zigzag.kernels.switch import kernel_switch
 
-_SWITCH = KernelSwitch("gather", "ZIGZAG_GATHER_BACKEND")
-
-
-def set_gather_backend(name: str) -> None:
-    """``"auto"`` (default: the Triton kernel for CUDA tensors when ``triton`` imports), ``"torch"``
-    (:func:`gather_split_torch` always) or ``"triton"`` (the kernel always: CUDA, or CPU tensors under
-    ``TRITON_INTERPRET=1``). Also ``ZIGZAG_GATHER_BACKEND``, read at import."""
-    _SWITCH.set(name)
-
-
-@functools.cache
-def _kernel():
-    from zigzag.kernels import gather_triton as _gather_kernel
-
-    return _gather_kernel
+_SWITCH = kernel_switch("gather")
 
 
 def gather_split_torch(
@@ -86,5 +71,7 @@ def gather_split(
         raise ValueError(f"extra must be two (m, batch, kv_heads, head_dim) tensors; got {[tuple(e.shape) for e in extra]}")
     index = index if index.device == keys.device else index.to(keys.device)
     if _SWITCH.use_kernel(keys.device, keys.is_floating_point() and keys.shape[-1] <= 512 and keys.shape[0] * keys.shape[1] < 2**16):
-        return _kernel().gather_split(keys, values, index, width, extra)
+        from zigzag.kernels import gather_triton  # imports triton: on first use only
+
+        return gather_triton.gather_split(keys, values, index, width, extra)
     return gather_split_torch(keys, values, index, width, extra)

@@ -12,6 +12,9 @@ host), index ``seq + j`` reads its row ``j``: no concatenation of the two first.
 A row is ``head_dim`` contiguous elements in every layout zigzag meets, so loads and stores are
 vectorized; ``torch.gather`` computes an offset per element of its expanded index and, for the
 rank-major output, needs a second copy.
+
+The launch is the operator ``zigzag::gather_split`` (a ``torch.library.custom_op``) with a fake
+implementation, so that torch.compile traces through it.
 """
 
 from __future__ import annotations
@@ -70,13 +73,34 @@ def gather_split(
     keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, width: int, extra: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """See :func:`zigzag.kernels.gather.gather_split` (same contract; arguments already checked there)."""
+    keys_extra, values_extra = extra if extra is not None else (None, None)
+    return gather_split_op(keys, values, index, width, keys_extra, values_extra)
+
+
+def _outputs(keys: torch.Tensor, n: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(keys_top, values_top, keys_rest, values_rest)`` allocated: ``(batch, kv_heads, width, d)``
+    twice, then ``(n - width, batch, kv_heads, d)`` twice."""
+    batch, kv_heads, _, head_dim = keys.shape
+    top = keys.new_empty(batch, kv_heads, width, head_dim), keys.new_empty(batch, kv_heads, width, head_dim)
+    rest = keys.new_empty(n - width, batch, kv_heads, head_dim), keys.new_empty(n - width, batch, kv_heads, head_dim)
+    return top[0], top[1], rest[0], rest[1]
+
+
+@torch.library.custom_op("zigzag::gather_split", mutates_args=())
+def gather_split_op(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    index: torch.Tensor,
+    width: int,
+    keys_extra: torch.Tensor | None,
+    values_extra: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`gather_split` with the second source as two tensors (both or neither)."""
+    extra = (keys_extra, values_extra) if keys_extra is not None else None
     batch, kv_heads, src_n, head_dim = keys.shape
     n = index.shape[-1]
-    device, dtype = keys.device, keys.dtype
-    k_top = torch.empty(batch, kv_heads, width, head_dim, device=device, dtype=dtype)
-    v_top = torch.empty_like(k_top)
-    k_rest = torch.empty(n - width, batch, kv_heads, head_dim, device=device, dtype=dtype)
-    v_rest = torch.empty_like(k_rest)
+    device = keys.device
+    k_top, v_top, k_rest, v_rest = _outputs(keys, n, width)
     if n == 0 or batch * kv_heads == 0:
         return k_top, v_top, k_rest, v_rest
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -95,3 +119,8 @@ def gather_split(
             HAS_EXTRA=extra is not None, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
         )
     return k_top, v_top, k_rest, v_rest
+
+
+@gather_split_op.register_fake
+def _(keys, values, index, width, keys_extra, values_extra):
+    return _outputs(keys, index.shape[-1], width)

@@ -32,12 +32,15 @@ L`` (0 where masked), and sum the ``W`` rows of each query head of the block.
 (what the PyTorch path gets from float32 copies under TF32, whose mantissa holds theirs). When either
 is float32 (the pipeline's window queries are), both are, with ``precision`` (``"tf32"`` as PyTorch's matmul under :func:`zigzag.pipeline.hf.tf32_matmuls`, or
 ``"ieee"``). Accumulation, exponentials and sums are float32.
+
+**Operator.** The three launches are ``zigzag::window_mass_sum`` (a ``torch.library.custom_op``)
+with a fake implementation, so that torch.compile traces through it; the arguments are checked
+before, in :func:`window_mass_sum`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 
@@ -174,7 +177,6 @@ def _mass_kernel(
         tl.store(out_rows + n[None, :], mass, mask=(g < groups)[:, None] & (n < stop)[None, :])
 
 
-@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few splits, to exercise merging them
@@ -237,12 +239,26 @@ def window_mass_sum(
     groups = heads // kv_heads
     # Half-precision products are exact in float32 either way; the interpreter's half tl.dot is not
     # reliable, so there they are taken in IEEE float32.
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    fp32 = torch.float32 in (keys.dtype, queries.dtype)
-    upcast = fp32 or interpreted
+    upcast = torch.float32 in (keys.dtype, queries.dtype) or os.environ.get("TRITON_INTERPRET") == "1"
     w, block_r, block_n, block_d, num_warps = _config(window, groups, head_dim, upcast) if config is None else config
     if w < window or block_r % w or block_d < head_dim:
         raise ValueError(f"config needs W >= window, BLOCK_R a multiple of W and BLOCK_D >= head_dim; got {config}")
+    return window_mass_op(queries, keys, valid, float(scaling), precision, [w, block_r, block_n, block_d, num_warps])
+
+
+@torch.library.custom_op("zigzag::window_mass_sum", mutates_args=())
+def window_mass_op(
+    queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, scaling: float, precision: str, config: list[int]
+) -> torch.Tensor:
+    """The launches of :func:`window_mass_sum` (arguments checked there, ``config`` resolved):
+    ``(batch, heads, seq)`` float32."""
+    batch, heads, window, head_dim = queries.shape
+    kv_heads, seq = keys.shape[1], keys.shape[2]
+    groups = heads // kv_heads
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    fp32 = torch.float32 in (keys.dtype, queries.dtype)
+    upcast = fp32 or interpreted
+    w, block_r, block_n, block_d, num_warps = config
     device = keys.device
     row_blocks = triton.cdiv(groups * w, block_r)
     key_blocks = triton.cdiv(seq, block_n)
@@ -275,3 +291,9 @@ def window_mass_sum(
             kv_heads, groups, window, seq, head_dim, keys_per_split, qk_scale, *strides, **common,
         )
     return out
+
+
+@window_mass_op.register_fake
+def _(queries, keys, valid, scaling, precision, config):
+    batch, heads, _window, _ = queries.shape
+    return queries.new_empty(batch, heads, keys.shape[2], dtype=torch.float32)

@@ -1,32 +1,18 @@
 """Mean and covariance of half-precision queries (ExpectedAttention's statistics), with no float32 copy.
 
 The shifted second moments come from one Triton pass on CUDA (:mod:`zigzag.kernels.moments_triton`)
-or from a batched matmul (the reference), chosen by :func:`set_moments_backend`.
+or from a batched matmul (the reference), chosen by the ``"moments"`` switch of :mod:`zigzag.kernels`
+(``set_backend("moments", ...)``, ``ZIGZAG_MOMENTS_BACKEND``; ``"auto"``: the kernel for CUDA queries
+with ``head_dim <= 128``).
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from zigzag.kernels.switch import KernelSwitch
+from zigzag.kernels.switch import kernel_switch
 
-_MOMENTS_SWITCH = KernelSwitch("query moments", "ZIGZAG_MOMENTS_BACKEND")
-
-
-def set_moments_backend(name: str) -> None:
-    """How :func:`query_moments_half` takes the shifted second moments: ``"auto"`` (default: a Triton
-    kernel, :mod:`zigzag.kernels.moments_triton`, for CUDA queries with ``head_dim <= 128``), ``"torch"`` (the
-    shifted copy and a batched matmul: the reference) or ``"triton"``. Also ``ZIGZAG_MOMENTS_BACKEND``."""
-    _MOMENTS_SWITCH.set(name)
-
-
-@functools.cache
-def _moments_kernel():
-    from zigzag.kernels import moments_triton
-
-    return moments_triton
+_MOMENTS_SWITCH = kernel_switch("moments")
 
 
 def query_moments_half(
@@ -64,7 +50,9 @@ def query_moments_half(
     shift = mean.to(q.dtype)
     if _MOMENTS_SWITCH.use_kernel(q.device, head_dim <= 128 and batch * heads < 2**16):
         # One pass: each block of queries is shifted, rounded and multiplied in registers.
-        second = _moments_kernel().shifted_second_moment(q, shift, use, upcast=not q.is_cuda) / count[..., None]
+        from zigzag.kernels.moments_triton import shifted_second_moment  # imports triton: on first use only
+
+        second = shifted_second_moment(q, shift, use, upcast=not q.is_cuda) / count[..., None]
     else:
         centred = torch.sub(q, shift[:, None])  # (batch, seq, heads, head_dim)
         if use is not None:

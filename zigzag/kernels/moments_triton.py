@@ -13,6 +13,9 @@ cores (half-precision products are exact in float32, sums in float32).
 Program ``(batch * heads, split of the tokens)``: a ``head_dim x head_dim`` float32 accumulator over
 its tokens, written to ``partial[b * heads + h, split]``; the caller sums the splits (in a fixed
 order: the result does not depend on scheduling).
+
+The launch is the operator ``zigzag::shifted_second_moment`` (a ``torch.library.custom_op``) with a
+fake implementation, so that torch.compile traces through it.
 """
 
 from __future__ import annotations
@@ -61,6 +64,12 @@ def _second_moment_kernel(
 
 
 def shifted_second_moment(q: torch.Tensor, shift: torch.Tensor, weights: torch.Tensor | None, upcast: bool = False) -> torch.Tensor:
+    """See :func:`second_moment_op`; ``upcast`` defaults to False (products in half precision)."""
+    return second_moment_op(q, shift, weights, upcast)
+
+
+@torch.library.custom_op("zigzag::shifted_second_moment", mutates_args=())
+def second_moment_op(q: torch.Tensor, shift: torch.Tensor, weights: torch.Tensor | None, upcast: bool) -> torch.Tensor:
     """``sum_t w_t c_t c_t^T`` per (row, head), ``c_t = q_t - shift`` rounded to ``q``'s dtype.
 
     Args:
@@ -90,3 +99,9 @@ def shifted_second_moment(q: torch.Tensor, shift: torch.Tensor, weights: torch.T
             HAS_WEIGHTS=weights is not None, UPCAST=upcast, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=8,
         )
     return partial.sum(dim=1).view(batch, heads, head_dim, head_dim)
+
+
+@second_moment_op.register_fake
+def _(q, shift, weights, upcast):
+    batch, _seq, heads, head_dim = q.shape
+    return q.new_empty(batch, heads, head_dim, head_dim, dtype=torch.float32)

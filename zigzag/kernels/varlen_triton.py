@@ -31,6 +31,14 @@ writes its result directly. A row with nothing to attend gets ``out = 0``, ``lse
 Products run on tensor cores in the input dtype (bf16 / fp16) with float32 accumulation, the
 probabilities are rounded to the input dtype for ``p @ v`` (as flash attention does), and float32
 inputs use IEEE float32 products: tests compare with a float64 reference.
+
+**Two ways in.** Under torch.compile, :func:`attend` calls the operator ``zigzag::varlen_attention``
+(a ``torch.library.custom_op`` with a fake implementation), which the compiler can trace. Eager calls
+skip the operator: its dispatch costs more host time than the whole launch (see :func:`attend`).
+
+**Direct launch.** On the Triton releases it was tested against (:data:`DIRECT_LAUNCH_TRITON`),
+repeated launches call the compiled kernel's launcher directly instead of ``kernel[grid](...)``
+(:func:`launch`); on any other release, and in Triton's interpreter, every launch is the ordinary one.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from packaging.version import Version
 
 BLOCK_N = 64
 """Slots per block of the kernel's inner loop (and the granularity of a split)."""
@@ -240,7 +249,6 @@ def _store_rows(out, lse, out_ptr, lse_ptr, z, r, d, m, head_dim, WRITE_LSE: tl.
     )
 
 
-@functools.cache
 def _multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -314,6 +322,7 @@ def _kernel_mask(mask: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tens
     and shape (the kept reference stops the object's id from being reused), unless the mask is large
     (not a decoding step's), so that its memory is freed with the pass."""
     global _last_mask
+    # Memo (host_overhead --memos, CPU): 0.1 us against 4.3-6.8 for the view and strides, per layer of a masked step.
     last = _last_mask
     if last[0] is mask and last[1] == shape:
         return last[2], last[3]
@@ -335,8 +344,22 @@ _SCALE_AT = _INT_NAMES.index("s_qb")  # the float ``scale`` sits between n_tail 
 # The integers Triton specialises on (divisible by 16, equal to 1): every other one is do_not_specialize.
 _SPECIALISED = tuple(i for i, name in enumerate(_INT_NAMES) if name not in _NOT_SPECIALISED)
 _INT32 = 2**31
-_compiled: dict[tuple, object] = {}
-direct_launch = True
+_compiled: dict[tuple, object] = {}  # the direct launch's kernels: 11-27 us saved a launch on H100 (launch)
+
+DIRECT_LAUNCH_TRITON = ((3, 6),)
+"""Triton releases ``(major, minor)`` whose launcher the direct launch was written and tested against
+(triton 3.6.0 on H100 and H200): it passes ``CompiledKernel.run`` its arguments by position, an
+internal protocol that a release may change."""
+
+
+def direct_launch_tested(version: str) -> bool:
+    """Whether Triton ``version`` (``triton.__version__``) is a release of :data:`DIRECT_LAUNCH_TRITON`."""
+    return Version(version).release[:2] in DIRECT_LAUNCH_TRITON
+
+
+# Not in Triton's interpreter either (TRITON_INTERPRET=1 makes the kernel an InterpretedFunction,
+# which launches nothing compiled).
+direct_launch = direct_launch_tested(triton.__version__) and isinstance(_varlen_kernel, triton.runtime.JITFunction)
 """Relaunch compiled kernels without ``JITFunction.run`` (see :func:`launch`); False: always through it."""
 
 # Looked up once: absent from CPU builds of torch (and from Triton before its knobs).
@@ -431,8 +454,14 @@ def launch(grid: tuple[int, int, int], tensors: tuple, integers: tuple, scale: f
     tens of microseconds, on a path that runs once per layer per decoded token and is bound by the
     host. The first launch of each specialisation goes through it and keeps the compiled kernel; the
     next ones with the same :func:`_launch_key` call that kernel's launcher directly, with the
-    arguments Triton would pass (all of them, in signature order). While a profiler has set Triton's
-    launch hooks, every launch goes through Triton, which calls them."""
+    arguments Triton would pass (all of them, in signature order). Measured on H100s with triton
+    3.6 (``python -m benchmarks.perf.host_overhead --slots 1024``, benchmarks/RESULTS.md, fourth
+    round): 17.1-26.5 us of host time per launch direct against 28.5-54.1 us through
+    ``JITFunction.run``, 11-27 us saved per layer and decoded token.
+
+    Only where :data:`direct_launch` holds (a Triton release of :data:`DIRECT_LAUNCH_TRITON`, not the
+    interpreter) and for CUDA tensors; while a profiler has set Triton's launch hooks, every launch
+    goes through Triton, which calls them."""
     # Triton keeps compiled kernels per current device (a kernel handle belongs to one device): so do we.
     _launch_on(_direct_target(tensors[0].is_cuda), grid, tensors, integers, scale, flags)
 
@@ -537,7 +566,69 @@ def attend(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`varlen_attention` over a :class:`Prefix` built beforehand: what a decoding step runs.
 
-    The arguments and the result are :func:`varlen_attention`'s, positional, ``out_dtype`` required."""
+    The arguments and the result are :func:`varlen_attention`'s, positional, ``out_dtype`` required.
+
+    Under torch.compile (``torch.compiler.is_compiling()``) this calls the operator
+    ``zigzag::varlen_attention`` (:func:`varlen_attention_op`), which the compiler traces as one node.
+    Eager calls launch directly (:func:`_attend_eager`): the dispatcher's way into a Python
+    ``custom_op`` measured 28 us per call on a CPU where the same Python function called plainly took
+    3 us (torch 2.13, a stand-in op of this signature), about the host time of the whole direct
+    launch on an H100 (:func:`launch`), on a path bound by the host."""
+    if torch.compiler.is_compiling():
+        out, lse = varlen_attention_op(
+            query, prefix.keys, prefix.values, prefix.offsets, prefix.bias, tail_keys, tail_values, tail_mask,
+            prefix.kv_heads, prefix.chunk, prefix.prefix_splits, float(scale), causal, out_dtype, return_lse,
+        )  # fmt: skip
+        return out, lse if return_lse else None
+    return _attend_eager(prefix, query, scale, out_dtype, tail_keys, tail_values, tail_mask, causal, return_lse)
+
+
+@torch.library.custom_op("zigzag::varlen_attention", mutates_args=())
+def varlen_attention_op(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    bias: torch.Tensor | None,
+    tail_keys: torch.Tensor | None,
+    tail_values: torch.Tensor | None,
+    tail_mask: torch.Tensor | None,
+    kv_heads: int,
+    chunk: int,
+    prefix_splits: int,
+    scale: float,
+    causal: bool,
+    out_dtype: torch.dtype,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attend` as an operator, the prefix as its tensors and split plan (``chunk``,
+    ``prefix_splits``: :func:`split_chunk`). Returns ``out (batch, Hq, rows, d)`` in ``out_dtype`` and
+    ``lse (batch, Hq, rows)`` float32, or an empty ``(0,)`` lse when ``return_lse`` is False."""
+    prefix = build_prefix(keys, values, offsets, bias, kv_heads=kv_heads, width=0, split_plan=(chunk, prefix_splits))
+    out, lse = _attend_eager(prefix, query, scale, out_dtype, tail_keys, tail_values, tail_mask, causal, return_lse)
+    return out, lse if lse is not None else query.new_empty(0, dtype=torch.float32)
+
+
+@varlen_attention_op.register_fake
+def _(query, keys, values, offsets, bias, tail_keys, tail_values, tail_mask, kv_heads, chunk, prefix_splits, scale,
+      causal, out_dtype, return_lse):
+    batch, hq, rows, head_dim = query.shape
+    lse_shape = (batch, hq, rows) if return_lse else (0,)
+    return query.new_empty(batch, hq, rows, head_dim, dtype=out_dtype), query.new_empty(lse_shape, dtype=torch.float32)
+
+
+def _attend_eager(
+    prefix: Prefix,
+    query: torch.Tensor,
+    scale: float,
+    out_dtype: torch.dtype,
+    tail_keys: torch.Tensor | None,
+    tail_values: torch.Tensor | None,
+    tail_mask: torch.Tensor | None,
+    causal: bool,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`attend` without the operator: argument assembly and :func:`_launch_on`."""
     batch, hq, rows, head_dim = query.shape
     if head_dim != prefix.head_dim:
         raise ValueError(f"the query's head_dim is {head_dim}, the prefix's {prefix.head_dim}")
@@ -605,4 +696,14 @@ def attend(
     return out, lse
 
 
-__all__ = ["PROGRAMS_PER_SM", "Prefix", "attend", "build_prefix", "split_chunk", "varlen_attention"]
+__all__ = [
+    "DIRECT_LAUNCH_TRITON",
+    "PROGRAMS_PER_SM",
+    "Prefix",
+    "attend",
+    "build_prefix",
+    "direct_launch_tested",
+    "split_chunk",
+    "varlen_attention",
+    "varlen_attention_op",
+]

@@ -3,8 +3,9 @@
 :class:`CosineMerge` is the method (a dataclass of hyperparameters with a ``merge`` method);
 :func:`merge_reference` is the plain float64 definition and :func:`merge_chunked` the blocked,
 memory-bounded PyTorch path. On CUDA with ``triton`` installed, the similarity search runs as a fused
-kernel (:mod:`zigzag.merge.triton`, imported only when used). Torch only: nothing here imports
-other zigzag modules.
+kernel (:mod:`zigzag.merge.triton` around :mod:`zigzag.kernels.merge_triton`, imported only when used;
+the ``"merge"`` switch of :mod:`zigzag.kernels` chooses). Besides torch, only :mod:`zigzag.kernels` is
+imported (the arrow goes one way: kernels never import merge).
 """
 
 from __future__ import annotations

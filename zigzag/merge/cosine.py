@@ -7,16 +7,11 @@ from typing import ClassVar
 
 import torch
 
-from zigzag.kernels.switch import triton_importable
+from zigzag.kernels.switch import kernel_switch
 from zigzag.merge.base import MergeResult, check_merge_args
 from zigzag.merge.chunked import merge_chunked
 
-BACKENDS = ("auto", "torch", "triton")
-
-
-def triton_available() -> bool:
-    """Whether the Triton kernel can run here (CUDA present and ``triton`` importable)."""
-    return torch.cuda.is_available() and triton_importable()
+_SWITCH = kernel_switch("merge")
 
 
 @dataclass(frozen=True)
@@ -46,9 +41,11 @@ class CosineMerge:
         Read by the cache, not by :meth:`merge`: when True, attention adds ``log(counts)`` to the
         logit of each survivor so that it carries the attention mass of the tokens it absorbed (see
         :class:`~zigzag.merge.base.MergeResult`). Default False.
-    backend:
-        ``"auto"`` (default): the fused Triton search on CUDA when ``triton`` imports, otherwise the
-        blocked PyTorch path; ``"torch"``: always PyTorch; ``"triton"``: require the kernel.
+
+    The similarity search runs in a fused Triton kernel (:mod:`zigzag.kernels.merge_triton`) or the
+    blocked PyTorch path (the reference), as the ``"merge"`` kernel switch chooses
+    (``zigzag.kernels.set_backend("merge", ...)`` or ``ZIGZAG_MERGE_BACKEND``; ``"auto"``: the kernel
+    for CUDA inputs in float16, bfloat16 or float32 when ``triton`` imports).
     """
 
     name: ClassVar[str] = "cosine"
@@ -57,7 +54,6 @@ class CosineMerge:
     fraction: float = 1.0
     chunk_size: int | None = None
     preserve_mass: bool = False
-    backend: str = "auto"
 
     def __post_init__(self) -> None:
         check_merge_args(self.threshold, self.fraction)
@@ -65,8 +61,6 @@ class CosineMerge:
             isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1
         ):
             raise ValueError(f"chunk_size must be a positive int or None (auto); got {self.chunk_size!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
 
     def merge(self, keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, valid: torch.Tensor) -> MergeResult:
         """Merge one layer's evicted tokens into its survivors.
@@ -82,12 +76,7 @@ class CosineMerge:
             :class:`MergeResult`: merged ``values (batch, kv_heads, n, head_dim)`` in ``values.dtype``
             (zeros on empty slots) and ``counts (batch, kv_heads, n)`` float32.
         """
-        use_triton = self.backend == "triton" or (self.backend == "auto" and keys.is_cuda and triton_available())
-        if use_triton:
-            if not keys.is_cuda or not triton_available():
-                raise RuntimeError(
-                    "backend='triton' needs CUDA tensors and an importable triton; use backend='auto' or 'torch'"
-                )
+        if _SWITCH.use_kernel(keys.device, keys.dtype in (torch.float16, torch.bfloat16, torch.float32)):
             from zigzag.merge.triton import merge_triton
 
             return merge_triton(keys, values, kept, valid, self.threshold, self.fraction, self.chunk_size)

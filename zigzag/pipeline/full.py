@@ -18,8 +18,23 @@ from transformers import DynamicCache
 
 from zigzag.budget import BudgetAllocator
 from zigzag.cache import ZigZagCache
-from zigzag.pipeline.capture import LayerQueries, QueryCapture, Slots, WindowRope, layer_view, query_stats_skip, query_window_needed
-from zigzag.pipeline.hf import attention_modules, eval_mode, forward_hooks, query_projection, query_shape, rope_fn, run_model
+from zigzag.pipeline.capture import (
+    LayerQueries,
+    QueryCapture,
+    Slots,
+    WindowRope,
+    layer_view,
+    query_window_needed,
+)
+from zigzag.pipeline.hf import (
+    attention_modules,
+    eval_mode,
+    forward_hooks,
+    query_projection,
+    query_shape,
+    rope_fn,
+    run_model,
+)
 from zigzag.pipeline.inputs import DEFAULT_BUDGET, DEFAULT_SCORER, Context, check_ratio, kept_tokens, resolve_methods
 from zigzag.pipeline.plan import BudgetPlan
 from zigzag.pipeline.reconstruction import reconstruction_scores

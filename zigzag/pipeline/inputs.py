@@ -17,7 +17,6 @@ from zigzag.budget import BudgetAllocator, get_budget
 from zigzag.merge import get_merge
 from zigzag.scorers import Scorer, get_scorer
 
-
 DEFAULT_SCORER = "expected_attention+pool25"
 """The default scorer: ExpectedAttention with its scores averaged over 25 neighbours, the best robust
 choice measured on the RULER-style sets (benchmarks/RESULTS.md)."""

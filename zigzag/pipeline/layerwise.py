@@ -42,7 +42,16 @@ from zigzag.pipeline.hf import attention_modules, forward_hooks, query_projectio
 from zigzag.pipeline.inputs import Context, kept_tokens
 from zigzag.pipeline.offload import Provisional, host_ready
 from zigzag.pipeline.plan import BudgetPlan
-from zigzag.pipeline.select import build_layer, keep_best, nan_message, rank_tokens, score_layer, select_tokens, store_layer, window_mass
+from zigzag.pipeline.select import (
+    build_layer,
+    keep_best,
+    nan_message,
+    rank_tokens,
+    score_layer,
+    select_tokens,
+    store_layer,
+    window_mass,
+)
 from zigzag.scorers import Scorer
 
 FINALIZE_RANGE = "zigzag.settle_budgets"

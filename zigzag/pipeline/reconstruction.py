@@ -27,7 +27,15 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from zigzag.kernels.precision import tf32_matmuls
-from zigzag.pipeline.hf import attention_modules, forward_hooks, query_projection, query_shape, rope_fn, rotate_half, run_model
+from zigzag.pipeline.hf import (
+    attention_modules,
+    forward_hooks,
+    query_projection,
+    query_shape,
+    rope_fn,
+    rotate_half,
+    run_model,
+)
 from zigzag.scorers.kvzip import Reconstruction
 
 PROBABILITY_BLOCK_ELEMENTS = 1 << 26

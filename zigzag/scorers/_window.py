@@ -7,15 +7,15 @@ Memory is ``O(heads * window * seq)``; the full ``(seq x seq)`` attention matrix
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from zigzag.kernels.precision import tf32_matmuls_enabled
-from zigzag.kernels.switch import KernelSwitch
+from zigzag.kernels.switch import kernel_switch
 from zigzag.scorers.base import LayerView
 
-_MASS_SWITCH = KernelSwitch("window mass", "ZIGZAG_MASS_BACKEND")
+_MASS_SWITCH = kernel_switch("mass")
+"""The ``"mass"`` kernel switch (``zigzag.kernels.set_backend("mass", ...)``, ``ZIGZAG_MASS_BACKEND``):
+:mod:`zigzag.kernels.mass_triton` or :func:`window_attention` summed, the reference."""
 
 
 def window_attention(
@@ -102,26 +102,6 @@ def window_attention(
     return probs.masked_fill_(~visible.any(dim=-1, keepdim=True), 0.0)
 
 
-def set_mass_backend(name: str) -> None:
-    """Choose how :func:`window_mass_sum` runs (also ``ZIGZAG_MASS_BACKEND``, read at import).
-
-    Args:
-        name: ``"auto"`` (default: the Triton kernel of :mod:`zigzag.kernels.mass_triton` for CUDA
-            inputs it takes, else PyTorch), ``"torch"`` (always :func:`window_attention` and a sum:
-            the reference, for A/B timings) or ``"triton"`` (always the kernel: CUDA, or CPU tensors
-            under ``TRITON_INTERPRET=1``).
-    """
-    _MASS_SWITCH.set(name)
-
-
-@functools.cache
-def _mass_kernel():
-    """:mod:`zigzag.kernels.mass_triton`, imported on first use (it imports triton)."""
-    from zigzag.kernels import mass_triton as _mass_kernel
-
-    return _mass_kernel
-
-
 def window_mass_sum(
     queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float, padded: bool = True
 ) -> torch.Tensor:
@@ -129,7 +109,7 @@ def window_mass_sum(
     the window, ``(batch, heads, seq)`` float32 (arguments as there).
 
     A query that sees no valid key (on left padding) adds nothing, so dividing by the number of
-    valid window queries gives their mean. On CUDA (see :func:`set_mass_backend`) a Triton kernel
+    valid window queries gives their mean. On CUDA (the ``"mass"`` switch of :mod:`zigzag.kernels`) a Triton kernel
     computes it without writing the ``(batch, heads, window, seq)`` logits: half-precision products
     are exact in float32 either way, and float32 inputs are multiplied in TF32 exactly when
     PyTorch's matmuls are (:func:`zigzag.pipeline.hf.tf32_matmuls`).
@@ -147,8 +127,10 @@ def window_mass_sum(
     )
     if not _MASS_SWITCH.use_kernel(keys.device, supported):
         return window_attention(queries, keys, valid, scaling, padded).sum(dim=2)
+    from zigzag.kernels import mass_triton  # imports triton: on first use only
+
     precision = "tf32" if keys.is_cuda and tf32_matmuls_enabled() else "ieee"
-    return _mass_kernel().window_mass_sum(queries, keys, valid.to(keys.device, torch.bool) if padded else None, scaling, precision)
+    return mass_triton.window_mass_sum(queries, keys, valid.to(keys.device, torch.bool) if padded else None, scaling, precision)
 
 
 def group_mean(x: torch.Tensor, kv_heads: int) -> torch.Tensor:

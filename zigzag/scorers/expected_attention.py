@@ -2,47 +2,29 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from zigzag.kernels.precision import tf32_matmuls_enabled
-from zigzag.kernels.switch import KernelSwitch
+from zigzag.kernels.switch import kernel_switch
 from zigzag.scorers._window import group_mean, raise_protected
 from zigzag.scorers.base import LayerView, Scorer
 
 _CHUNK = 4096  # keys per step of the quadratic term; bounds memory at heads * _CHUNK * head_dim floats
 
-_SWITCH = KernelSwitch("ExpectedAttention", "ZIGZAG_EA_BACKEND")
-
-
-def set_backend(name: str) -> None:
-    """Choose how ExpectedAttention computes its logits (also ``ZIGZAG_EA_BACKEND``, read at import).
-
-    Args:
-        name: ``"auto"`` (default: the Triton kernel for CUDA keys when ``triton`` imports, else
-            PyTorch), ``"torch"`` (always the chunked PyTorch loop, the reference; for A/B timings)
-            or ``"triton"`` (always the kernel: CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
-    """
-    _SWITCH.set(name)
+_SWITCH = kernel_switch("ea")
+"""The ``"ea"`` kernel switch (``zigzag.kernels.set_backend("ea", ...)``, ``ZIGZAG_EA_BACKEND``):
+the Triton logits kernel or :func:`_torch_logits`, the reference."""
 
 
 def _use_kernel(keys: torch.Tensor) -> bool:
-    """Whether :func:`set_backend`'s choice sends ``keys`` to the Triton kernel. ``"auto"`` also
-    leaves to PyTorch what the kernel does not take (other dtypes, head_dim > 256, a grid too tall)."""
+    """Whether the ``"ea"`` switch sends ``keys`` to the Triton kernel. ``"auto"`` also leaves to
+    PyTorch what the kernel does not take (other dtypes, head_dim > 256, a grid too tall)."""
     batch, kv_heads, _, head_dim = keys.shape
     supported = keys.dtype in (torch.float16, torch.bfloat16, torch.float32) and head_dim <= 256 and batch * kv_heads < 2**16
     return _SWITCH.use_kernel(keys.device, supported)
-
-
-@functools.cache
-def _kernel():
-    """:mod:`zigzag.kernels.ea_triton`, imported on first use (it imports triton)."""
-    from zigzag.kernels import ea_triton as _ea_kernel
-
-    return _ea_kernel
 
 
 @dataclass
@@ -68,7 +50,8 @@ class ExpectedAttention(Scorer):
     ``(p + epsilon) * ||v||``. The first ``n_sink`` tokens (positions ``< n_sink``) are lifted
     above every other token (always kept). Memory: about ``heads * min(seq, 4096) * head_dim`` floats at once
     on the PyTorch path; for CUDA keys a Triton kernel (:mod:`zigzag.kernels.ea_triton`, see
-    :func:`set_backend`) computes ``z`` from the keys in place and needs only the logits.
+    the ``"ea"`` switch of :mod:`zigzag.kernels`) computes ``z`` from the keys in place and needs
+    only the logits.
 
     Parameters
     ----------
@@ -141,7 +124,9 @@ class ExpectedAttention(Scorer):
         if _use_kernel(keys):
             # TF32 products exactly when the torch path's float32 matmul would use them.
             precision = "tf32" if keys.is_cuda and tf32_matmuls_enabled() else "ieee"
-            _kernel().group_logits(keys, weights, out=logits, precision=precision)
+            from zigzag.kernels.ea_triton import group_logits  # imports triton: on first use only
+
+            group_logits(keys, weights, out=logits, precision=precision)
         else:
             _torch_logits(keys, weights, logits)
         logits = logits.view(batch, heads, seq).masked_fill(~valid[:, None, :], float("-inf"))

@@ -29,7 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-__all__ = ["INSTALL_COMMAND", "load_model", "load_smollm2", "smollm2_gguf_path"]
+__all__ = ["INSTALL_COMMAND", "load_model", "load_smollm2", "load_smollm2_tokenizer", "smollm2_gguf_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -195,3 +195,21 @@ def load_smollm2(
     if not (folder / "config.json").is_file():
         _convert(smollm2_gguf_path(), folder)
     return load_model(folder, dtype=dtype, device=device, attn_implementation=attn_implementation)
+
+
+def load_smollm2_tokenizer(*, cache_dir: str | os.PathLike[str] | None = None) -> PreTrainedTokenizerBase:
+    """SmolLM2-135M-Instruct's tokenizer alone, set up as :func:`load_smollm2` sets it (left padding, a
+    pad token), without loading the model: from the converted folder when there is one (well under a
+    second), else read from the packaged GGUF (a few seconds; nothing is converted or written)."""
+    folder = _cache_root(cache_dir) / _CACHE_NAME
+    if (folder / "config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    else:
+        gguf = smollm2_gguf_path()
+        if importlib.util.find_spec("gguf") is None:
+            raise _missing("the package 'gguf' is needed to read GGUF files", "gguf")
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok

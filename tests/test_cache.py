@@ -264,3 +264,25 @@ def test_refeed_checks_read_only_multi_token_forwards():
     with pytest.raises(ValueError, match="already covers"):
         check_mask(additive)
     check_mask(hidden[..., -1:, :])  # one query row: a decoding step, not read
+
+
+def test_nbytes_and_kept_positions_follow_batch_selection_on_both_layouts():
+    from zigzag.testing.random_cache import random_cache
+
+    budgets = torch.tensor([[[6, 6], [3, 9], [0, 4]], [[2, 2], [5, 5], [7, 1]]])  # (batch, layers, kv_heads)
+    cache = random_cache(2, 2, 8, budgets, dtype=torch.float32, device="cpu", original_length=12)
+    assert [type(layer) for layer in cache.layers] == [CompressedLayer, VarlenLayer, VarlenLayer]
+    assert cache.nbytes() == sum(layer.nbytes() for layer in cache.layers)
+    before = [p.clone() for p in cache.kept_positions]
+    for p, counts in zip(before, budgets.unbind(1)):
+        assert torch.equal((p >= 0).sum(-1), counts)
+    cache.batch_repeat_interleave(2)  # rows 0, 0, 1, 1
+    assert [torch.equal(p, b.repeat_interleave(2, dim=0)) for p, b in zip(cache.kept_positions, before)] == [True] * 3
+    cache.reorder_cache(torch.tensor([3, 0, 1, 2]))  # rows 1, 0, 0, 1
+    assert [torch.equal(p, b[[1, 0, 0, 1]]) for p, b in zip(cache.kept_positions, before)] == [True] * 3
+    full_bytes = cache.nbytes()
+    cache.batch_select_indices(torch.tensor([1]))  # row 0 alone
+    kept = cache.kept_positions
+    assert [torch.equal(p, b[:1, :, b.shape[-1] - p.shape[-1] :]) for p, b in zip(kept, before)] == [True] * 3
+    assert cache.nbytes() == sum(layer.nbytes() for layer in cache.layers) < full_bytes
+    assert cache.get_seq_length() == 12

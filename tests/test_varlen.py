@@ -201,6 +201,25 @@ def test_batch_selection_crop_and_kept_positions():
         layer.crop(-2)
 
 
+def test_crop_at_or_beyond_the_length_exposes_no_unwritten_slot():
+    gen = torch.Generator().manual_seed(1)
+    kept = torch.tensor([[[-1, 1, 4], [0, 2, 3]]])
+    keys = torch.randn(1, 2, 3, 8, generator=gen)
+    layer = VarlenLayer.from_padded(keys, keys * 2, kept, original_length=6)
+    step = torch.randn(1, 2, 3, 8, generator=gen)
+    layer.update(step, step * 2)  # the tail buffer now holds 64 slots, 3 of them written
+    for length in (9, 10, 100):
+        layer.crop(length)
+        assert layer.get_seq_length() == 9 and layer.appended == 3 and torch.equal(layer.keys, step)
+    layer.crop(8)  # the legacy positive form below the length: keep 8
+    assert layer.appended == 2 and torch.equal(layer.values, 2 * step[:, :, :2])
+    layer.crop(0)
+    assert layer.appended == 2
+    with pytest.raises(ValueError, match="appended after compression"):
+        layer.crop(5)  # inside the context
+    assert layer.appended == 2 and torch.equal(layer.kept_positions, kept)
+
+
 # ---------------------------------------------------------------------------------------------- SmolLM2
 
 

@@ -27,7 +27,9 @@ It covers the two places where stock attention meets the mask:
 * eager: ``torch.matmul(q, k.transpose(2, 3))``, optionally scaled, then ``+ attention_mask``.
 
 If a model's attention reaches the keys some other way, the mask shapes disagree and PyTorch raises,
-so an unsupported path fails loudly instead of attending to empty slots.
+so an unsupported path fails loudly instead of attending to empty slots. A mask that hides the last
+new token in every row means the tokens were fed where the compressed context already is: that
+raises too (:func:`zigzag.cache.refeed.check_mask`).
 
 Layers with head-wise budgets store no padded prefix at all (:mod:`zigzag.cache.varlen`); their keys come as
 :class:`zigzag.cache.varlen.VarlenKeys`, which intercept the same two places the same way but compute the

@@ -83,7 +83,8 @@ class CompressedLayer(CompressedLayerBase):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``(batch, kv_heads, new, head_dim)`` and return all keys (as RaggedKeys) and values."""
-        self._check_new_positions(key_states.shape[-2], kwargs)
+        if key_states.shape[-2] > 1:  # a decoding step is never checked (a device sync)
+            self._check_new_positions(key_states.shape[-2], kwargs)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         return RaggedKeys.wrap(self.keys, self.slot_valid, self.prefix_full, self.prefix_bias, self), self.values

@@ -29,6 +29,7 @@ class CompressedLayerBase(DynamicLayer):
     Positions continue from the uncompressed length: :meth:`get_seq_length` is ``original_length +
     appended``, so ``model.generate`` feeds the next tokens at the right RoPE positions. The mask sizes
     make transformers build the mask of the appended tokens only (:mod:`zigzag.cache.attention`).
+    New tokens must follow the context: fed where it already is, they raise (:mod:`zigzag.cache.refeed`).
 
     Args:
         original_length: the uncompressed length (columns of ``input_ids``, padding included).
@@ -74,10 +75,9 @@ class CompressedLayerBase(DynamicLayer):
     # ------------------------------------------------------------------------------------ cache API
 
     def _check_new_positions(self, new: int, kwargs: dict) -> None:
-        """Refuse ``new`` tokens fed where the compressed context already is, when transformers passed
-        their positions to ``update`` (:mod:`zigzag.cache.refeed`). One-token steps are not read."""
-        if new > 1:
-            check_positions(positions_from(kwargs), self.appended, new)
+        """Refuse ``new > 1`` tokens fed where the compressed context already is, when transformers passed
+        their positions to ``update`` (:mod:`zigzag.cache.refeed`). Callers skip one-token steps."""
+        check_positions(positions_from(kwargs), self.appended, new)
 
     def get_seq_length(self) -> int:
         """The logical length: original tokens plus appended ones (what RoPE positions continue from)."""

@@ -380,7 +380,8 @@ class VarlenLayer(CompressedLayerBase):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``(batch, kv_heads, new, head_dim)``; return the tail keys (as VarlenKeys) and values."""
-        self._check_new_positions(key_states.shape[-2], kwargs)
+        if key_states.shape[-2] > 1:  # a decoding step is never checked (a device sync)
+            self._check_new_positions(key_states.shape[-2], kwargs)
         n = self._appended
         end = n + key_states.shape[-2]
         tail_k, tail_v = self._tail_keys, self._tail_values

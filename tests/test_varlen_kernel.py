@@ -136,7 +136,7 @@ def test_merge_counters_are_left_zero_for_the_next_launch():
     """The last program of each segment merges the splits and zeroes its arrival counter; a second
     launch with a different layout must then merge correctly too (a counter left non-zero would make
     the wrong program merge, or none)."""
-    from zigzag.kernels.varlen_triton import _counters
+    from zigzag.kernels.varlen_triton import arrival_counter_buffers
 
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     for lengths in (torch.tensor([[300, 5, 0]]), torch.tensor([[7, 260, 64], [1, 0, 190]])):
@@ -147,7 +147,7 @@ def test_merge_counters_are_left_zero_for_the_next_launch():
         out, lse = varlen_attention(query, keys, values, offsets, None, kv_heads=3, width=width, scale=0.3)
         ref_out, ref_lse = _reference(query, keys, values, offsets, None, 3, 0.3)
         _check(out, lse, ref_out, ref_lse, torch.float32)
-        assert all(int(c.count_nonzero()) == 0 for c in _counters.values())
+        assert all(int(c.count_nonzero()) == 0 for c in arrival_counter_buffers.values())
 
 
 def test_without_lse_and_mask_that_does_not_broadcast():

@@ -240,7 +240,7 @@ def memos(args) -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend on CPU tensors; nothing is launched
     import zigzag.cache.varlen as layer_module
     import zigzag.kernels.varlen_triton as vk
-    from zigzag.cache.attention import _plain
+    from zigzag.cache.attention import plain
 
     torch.set_num_threads(1)
     set_backend("varlen", "triton")
@@ -252,7 +252,7 @@ def memos(args) -> None:
     layer = VarlenLayer(flat, flat, torch.arange(total) % n, lengths, n)
     layer.update(torch.randn(batch, kv_heads, 1, d), torch.randn(batch, kv_heads, 1, d))
     mask = torch.ones(batch, 1, 1, 1 + layer.appended, dtype=torch.bool)
-    tail = layer_module._tail_of(_plain(mask), layer.appended)
+    tail = layer_module._tail_of(plain(mask), layer.appended)
     shape = (batch, 32, 1, layer.appended)
 
     def import_statement():
@@ -266,7 +266,7 @@ def memos(args) -> None:
         ("_triton_prefix()", layer._triton_prefix, lambda: vk.build_prefix(
             layer.prefix_keys, layer.prefix_values, layer.offsets, None, kv_heads=kv_heads, width=layer.width)),
         ("_sdpa_tail_mask()", lambda: layer_module._sdpa_tail_mask(mask, layer.appended),
-         lambda: layer_module._tail_of(_plain(mask), layer.appended)),
+         lambda: layer_module._tail_of(plain(mask), layer.appended)),
         ("_kernel_mask()", lambda: vk._kernel_mask(tail, shape),
          lambda: (tail.view(torch.uint8), vk._mask_strides(tail, shape))),
     ]  # fmt: skip

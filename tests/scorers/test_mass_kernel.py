@@ -12,7 +12,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-import zigzag.scorers._window as window_module
+import zigzag.scorers.window as window_module
 from zigzag import kernels
 from zigzag.kernels.mass_triton import window_mass_op
 from zigzag.kernels.mass_triton import window_mass_sum as kernel_mass

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zigzag.scorers import group_mean, window_attention
-from zigzag.scorers._window import raise_protected
+from zigzag.scorers.window import raise_protected
 
 
 def full_attention_last_rows(queries_all, keys, valid, scaling, w):

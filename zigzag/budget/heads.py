@@ -28,7 +28,7 @@ from zigzag.budget.apportion import apportion
 from zigzag.budget.base import BudgetAllocator, check_allocate_args, lmba_values
 from zigzag.budget.zigzag import (
     ZIGZAG_OPTIONS,
-    _check_tau,
+    check_tau,
     check_variant_options,
     lmba_per_head,
     variant_cap,
@@ -155,7 +155,7 @@ class ZigZagHeads(BudgetAllocator):
     options: ClassVar[dict[str, tuple[str, type]]] = ZIGZAG_OPTIONS
 
     def __post_init__(self) -> None:
-        _check_tau(self.tau)
+        check_tau(self.tau)
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"window must be a positive int (last queries observed for LMBA); got {self.window!r}")
         if isinstance(self.bound_fraction, bool) or not isinstance(self.bound_fraction, (int, float)) or not 0.0 <= self.bound_fraction <= 1.0:

@@ -38,7 +38,8 @@ less than this, so LMBA does not depend on summation order, and ``tau = 0.9`` of
 tokens (``0.9 * 10`` in binary floating point is a hair above 9)."""
 
 
-def _check_tau(tau: float) -> None:
+def check_tau(tau: float) -> None:
+    """Raise unless ``tau`` (a fraction of the attention mass) is a number in ``(0, 1]``."""
     if isinstance(tau, bool) or not isinstance(tau, (int, float)):
         raise TypeError(f"tau must be a float in (0, 1]; got {type(tau).__name__}")
     if not (0.0 < tau <= 1.0):
@@ -76,7 +77,7 @@ def lmba_per_head(
     Returns:
         ``(batch, heads)`` long, in ``[0, seq]``.
     """
-    _check_tau(tau)
+    check_tau(tau)
     if not isinstance(attention, torch.Tensor):
         raise TypeError(f"attention must be a torch.Tensor (batch, heads, seq); got {type(attention).__name__}")
     if attention.dim() != 3:
@@ -214,7 +215,7 @@ class ZigZag(BudgetAllocator):
     options: ClassVar[dict[str, tuple[str, type]]] = ZIGZAG_OPTIONS
 
     def __post_init__(self) -> None:
-        _check_tau(self.tau)
+        check_tau(self.tau)
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"window must be a positive int (last queries observed for LMBA); got {self.window!r}")
         if isinstance(self.bound_fraction, bool) or not isinstance(self.bound_fraction, (int, float)):

@@ -45,7 +45,7 @@ from zigzag.cache.refeed import check_mask
 
 # Shape-only operations that attention code applies to keys before using them (`repeat_kv`, GQA
 # packing, transposes): their results are still the same keys, so they keep the slot information.
-_KEY_VIEW_OPS = {
+KEY_VIEW_OPS = {
     torch.Tensor.__getitem__,
     torch.Tensor.expand,
     torch.Tensor.expand_as,
@@ -61,8 +61,8 @@ _KEY_VIEW_OPS = {
     torch.reshape,
     torch.unsqueeze,
 }
-_MATMUL_OPS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
-_SCALE_OPS = {
+MATMUL_OPS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
+SCALE_OPS = {
     torch.Tensor.__mul__,
     torch.Tensor.__rmul__,
     torch.Tensor.__truediv__,
@@ -71,14 +71,14 @@ _SCALE_OPS = {
     torch.mul,
     torch.div,
 }
-_ADD_OPS = {torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.add, torch.add}
+ADD_OPS = {torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.add, torch.add}
 
 
 MASK_LOOKBACK = 1
 """Leading columns of the model's mask that precede the appended tokens (see the module docstring)."""
 
 
-def _plain(x):
+def plain(x):
     return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor else x
 
 
@@ -175,7 +175,7 @@ def layer_mask(
 
 def _ragged_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
     prefix_valid, prefix_full, prefix_bias, layer = key._prefix_valid, key._prefix_full, key._prefix_bias, key._layer
-    query, key, value = _plain(query), _plain(key), _plain(value)
+    query, key, value = plain(query), plain(key), plain(value)
     if prefix_full and prefix_bias is None and attn_mask is None and query.shape[-2] == 1:
         # Decoding one token with every slot real and no padding: no mask at all, so that SDPA may
         # pick its fastest kernel (it cannot with an explicit mask).
@@ -185,7 +185,7 @@ def _ragged_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     n_tail = key.shape[-2] - prefix_valid.shape[-1]
     mask = layer_mask(
         prefix_valid,
-        _plain(attn_mask),
+        plain(attn_mask),
         heads=query.shape[-3],
         q_rows=query.shape[-2],
         n_tail=n_tail,
@@ -238,9 +238,9 @@ class RaggedKeys(torch.Tensor):
         source = _ragged_arg(args)
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
-        if func in _KEY_VIEW_OPS and isinstance(out, torch.Tensor):
+        if func in KEY_VIEW_OPS and isinstance(out, torch.Tensor):
             return RaggedKeys.wrap(out, source._prefix_valid, source._prefix_full, source._prefix_bias, source._layer)
-        if func in _MATMUL_OPS and isinstance(args[1], RaggedKeys):
+        if func in MATMUL_OPS and isinstance(args[1], RaggedKeys):
             return _RaggedScores.wrap(out, source._prefix_valid, source._prefix_bias, source._layer)
         return out
 
@@ -265,12 +265,12 @@ class _RaggedScores(torch.Tensor):
         kwargs = kwargs or {}
         source = _ragged_arg(args)
         prefix_valid, prefix_bias, layer = source._prefix_valid, source._prefix_bias, source._layer
-        if func in _SCALE_OPS and not any(isinstance(a, torch.Tensor) and a.dim() > 0 for a in args[1:]):
+        if func in SCALE_OPS and not any(isinstance(a, torch.Tensor) and a.dim() > 0 for a in args[1:]):
             with torch._C.DisableTorchFunctionSubclass():
                 return _RaggedScores.wrap(func(*args, **kwargs), prefix_valid, prefix_bias, layer)
-        scores = next(_plain(a) for a in args if isinstance(a, _RaggedScores))
-        if func in _ADD_OPS:
-            other = next(_plain(a) for a in args if not isinstance(a, _RaggedScores))
+        scores = next(plain(a) for a in args if isinstance(a, _RaggedScores))
+        if func in ADD_OPS:
+            other = next(plain(a) for a in args if not isinstance(a, _RaggedScores))
             return scores + _full_additive_mask(scores, prefix_valid, other, prefix_bias, layer)
         # Anything else (softmax, say) means the model added no mask: apply the layer's own first.
         masked = scores + _full_additive_mask(scores, prefix_valid, None, prefix_bias)

@@ -52,12 +52,12 @@ import torch
 import torch.nn.functional as F
 
 from zigzag.cache.attention import (
-    _ADD_OPS,
-    _KEY_VIEW_OPS,
-    _MATMUL_OPS,
-    _SCALE_OPS,
+    ADD_OPS,
+    KEY_VIEW_OPS,
+    MATMUL_OPS,
+    SCALE_OPS,
     MASK_LOOKBACK,
-    _plain,
+    plain,
 )
 from zigzag.cache.layer import CompressedLayerBase
 from zigzag.cache.refeed import check_mask
@@ -532,7 +532,7 @@ def _sdpa_tail_mask(mask: torch.Tensor, n_tail: int, layer: VarlenLayer | None =
     last = _last_tail_mask
     if last[0] is mask and last[1].shape[-1] == n_tail:
         return last[1]
-    tail = _tail_of(_plain(mask), n_tail, layer)
+    tail = _tail_of(plain(mask), n_tail, layer)
     _last_tail_mask = (mask, tail) if mask.numel() <= _MASK_KEPT else (None, None)
     return tail
 
@@ -541,9 +541,9 @@ def _varlen_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     if dropout_p:
         raise NotImplementedError("attention dropout is not supported on a compressed cache (use model.eval())")
     if type(query) is not torch.Tensor:
-        query = _plain(query)
+        query = plain(query)
     if type(value) is not torch.Tensor:
-        value = _plain(value)
+        value = plain(value)
     keys = key._tensor
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     mask = None if attn_mask is None else _sdpa_tail_mask(attn_mask, keys.shape[-2], key._varlen)
@@ -577,11 +577,11 @@ class VarlenKeys(torch.Tensor):
         if func is _SDPA:
             return _varlen_sdpa(*args, **(kwargs or _NO_KWARGS))
         out = _without_subclasses(func, types, args, kwargs or _NO_KWARGS)
-        if func in _KEY_VIEW_OPS:
+        if func in KEY_VIEW_OPS:
             if isinstance(out, torch.Tensor):
                 return VarlenKeys.wrap(out, _varlen_arg(args)._varlen)
-        elif func in _MATMUL_OPS and isinstance(args[1], VarlenKeys):
-            return _VarlenScores.wrap(out, args[1]._varlen, _plain(args[0]), 1.0, None)
+        elif func in MATMUL_OPS and isinstance(args[1], VarlenKeys):
+            return _VarlenScores.wrap(out, args[1]._varlen, plain(args[0]), 1.0, None)
         return out
 
 
@@ -606,17 +606,17 @@ class _VarlenScores(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         me = next(a for a in args if isinstance(a, _VarlenScores))
-        scores = _plain(me)
+        scores = plain(me)
         others = [a for a in args if a is not me]
-        if func in _SCALE_OPS and len(others) == 1 and not (isinstance(others[0], torch.Tensor) and others[0].dim() > 0):
+        if func in SCALE_OPS and len(others) == 1 and not (isinstance(others[0], torch.Tensor) and others[0].dim() > 0):
             factor = float(others[0])
             if func in (torch.Tensor.__truediv__, torch.Tensor.div, torch.div):
                 factor = 1.0 / factor
             with torch._C.DisableTorchFunctionSubclass():
                 out = func(*args, **kwargs)
             return _VarlenScores.wrap(out, me._varlen, me._query, me._scale * factor, me._mask)
-        if func in _ADD_OPS and me._mask is None and len(others) == 1 and isinstance(others[0], torch.Tensor):
-            mask = _tail_of(_plain(others[0]), scores.shape[-1], me._varlen)
+        if func in ADD_OPS and me._mask is None and len(others) == 1 and isinstance(others[0], torch.Tensor):
+            mask = _tail_of(plain(others[0]), scores.shape[-1], me._varlen)
             mask = mask if mask.dtype != torch.bool else torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
             return _VarlenScores.wrap(scores + mask.to(scores.dtype), me._varlen, me._query, me._scale, mask)
         if func in (F.softmax, torch.softmax, torch.Tensor.softmax):
@@ -627,7 +627,7 @@ class _VarlenScores(torch.Tensor):
         )
 
     def _softmax(self, dtype) -> _VarlenProbs:
-        scores = _plain(self).float()
+        scores = plain(self).float()
         if self._mask is None:  # the model added no mask: causal over the tail, aligned to the end
             rows, n = scores.shape[-2:]
             if rows > 1:
@@ -658,8 +658,8 @@ class _VarlenProbs(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         me = next(a for a in args if isinstance(a, _VarlenProbs))
-        if func in _MATMUL_OPS and args[0] is me:
-            out = _plain(me) @ _plain(args[1])
+        if func in MATMUL_OPS and args[0] is me:
+            out = plain(me) @ plain(args[1])
             return out + me._prefix_out.to(out.dtype)
         if func is F.dropout:
             if kwargs.get("training", args[2] if len(args) > 2 else True) and (kwargs.get("p", args[1] if len(args) > 1 else 0.5)):

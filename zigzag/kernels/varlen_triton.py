@@ -270,17 +270,17 @@ def split_chunk(total: int, width: int, device: torch.device, block: int = BLOCK
     return chunk, max(1, _cdiv(width, chunk))
 
 
-_counters: dict[tuple, torch.Tensor] = {}
+arrival_counter_buffers: dict[tuple, torch.Tensor] = {}
 
 
 def _arrival_counters(device: torch.device, stream: int, count: int) -> torch.Tensor:
     """``(>= count,)`` int32 zeros shared by the launches on ``stream`` (the raw CUDA stream the kernel
     runs on, 0 off CUDA); each launch leaves them zero. Launches on one stream run one after another,
     so they can share the counters; another stream, which may run at the same time, gets its own."""
-    counters = _counters.get((device, stream))
+    counters = arrival_counter_buffers.get((device, stream))
     if counters is None or counters.numel() < count:
         counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-        _counters[(device, stream)] = counters
+        arrival_counter_buffers[(device, stream)] = counters
     return counters
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from zigzag.scorers._window import group_mean, window_attention, window_mass_sum
+from zigzag.scorers.window import group_mean, window_attention, window_mass_sum
 from zigzag.scorers.base import LayerView, Scorer, ScorerWrapper, check_scorer
 from zigzag.scorers.expected_attention import ExpectedAttention
 from zigzag.scorers.knorm import Knorm

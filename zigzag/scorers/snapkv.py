@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from zigzag.scorers._window import group_mean, last_queries, raise_protected, window_mass_sum
+from zigzag.scorers.window import group_mean, last_queries, raise_protected, window_mass_sum
 from zigzag.scorers.base import LayerView, Scorer
 
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from zigzag.scorers._window import last_queries, raise_protected, window_attention
+from zigzag.scorers.window import last_queries, raise_protected, window_attention
 from zigzag.scorers.base import LayerView, Scorer
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zigzag.scorers._window import raise_protected
+from zigzag.scorers.window import raise_protected
 from zigzag.scorers.base import LayerView, Scorer, ScorerWrapper
 
 
@@ -29,7 +29,7 @@ class Protected(ScorerWrapper):
 
     Positions count valid tokens only (``layer.positions``), so left padding does not move the
     protected span. Protected tokens keep their inner order among themselves (see
-    :func:`~zigzag.scorers._window.raise_protected`): when a budget is smaller than the protected
+    :func:`~zigzag.scorers.window.raise_protected`): when a budget is smaller than the protected
     span, the inner scorer still decides among them.
 
     Args:

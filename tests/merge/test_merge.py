@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from zigzag import kernels
-from zigzag.merge import MERGES, CosineMerge, MergeResult, get_merge, merge_chunked, merge_reference
+from zigzag.merge import MERGE_CLASSES, MERGES, CosineMerge, MergeResult, get_merge, merge_chunked, merge_reference
 from zigzag.merge.base import merge_quota
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
@@ -415,7 +415,8 @@ def test_padding_never_contributes(case, threshold, fraction, chunk_size, garbag
 
 def test_get_merge():
     assert get_merge(None) is None and get_merge(False) is None and get_merge("none") is None
-    assert get_merge("Cosine") == CosineMerge() and MERGES == {"cosine": CosineMerge}
+    assert get_merge("Cosine") == CosineMerge()
+    assert set(MERGES.values()) == set(MERGE_CLASSES) and all(MERGES[cls.name] is cls for cls in MERGE_CLASSES)
     custom = CosineMerge(threshold=0.5, preserve_mass=True)
     assert get_merge(custom) is custom
     with pytest.raises(ValueError, match="cosine"):

@@ -17,7 +17,10 @@ from zigzag.merge.chunked import merge_chunked
 from zigzag.merge.cosine import CosineMerge
 from zigzag.merge.reference import merge_reference
 
-MERGES: dict[str, type] = {"cosine": CosineMerge}
+MERGE_CLASSES: tuple[type, ...] = (CosineMerge,)
+"""Every merge class zigzag ships; a new one is one file and one entry here."""
+
+MERGES: dict[str, type] = {cls.name: cls for cls in MERGE_CLASSES}
 """Registry: name -> merge class (built with its default hyperparameters by :func:`get_merge`)."""
 
 
@@ -57,4 +60,4 @@ def get_merge(spec: Any) -> CosineMerge | None:
     )
 
 
-__all__ = ["MERGES", "CosineMerge", "MergeResult", "get_merge", "merge_chunked", "merge_reference"]
+__all__ = ["MERGES", "MERGE_CLASSES", "CosineMerge", "MergeResult", "get_merge", "merge_chunked", "merge_reference"]

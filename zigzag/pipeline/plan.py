@@ -119,14 +119,11 @@ class BudgetPlan:
                 (the slots an earlier chunk left).
             valid: ``(rows, seq)`` bool matching ``mass``.
         """
-        allocator = self.allocator
-        if allocator.granularity == "head":
-            measured = allocator.measure(mass, valid, 1 if folded else self.kv_heads)
-            measured = measured.reshape(-1, self.kv_heads)
-        else:
-            measured = allocator.measure(mass, valid, 1 if folded else self.kv_heads)
-            if folded:  # the layer's LMBA: the mean over its query heads, grouped by KV head
-                measured = measured.reshape(-1, self.kv_heads).mean(dim=1)
+        measured = self.allocator.measure(mass, valid, 1 if folded else self.kv_heads)
+        if self.allocator.granularity == "head":
+            measured = measured.reshape(-1, self.kv_heads)  # (batch, kv_heads), also from folded rows
+        elif folded:  # the layer's LMBA: the mean over its query heads, grouped by KV head
+            measured = measured.reshape(-1, self.kv_heads).mean(dim=1)
         self._measured.append(measured)
 
     def measured_lmba(self) -> torch.Tensor:

@@ -38,6 +38,14 @@ def full_cache_bytes(model, seq: int) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * seq * head_dim * model.dtype.itemsize
 
 
+def answers_right(model, tok, ids: torch.Tensor, answer: str, cache) -> bool:
+    """Whether greedy decoding after ``ids (1, seq)`` from ``cache`` says ``answer`` within 10 tokens."""
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwarg(model, cache), max_new_tokens=10, do_sample=False
+    )
+    return answer in tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows every default and keeps the docstring's layout."""
 
@@ -63,20 +71,13 @@ def main() -> None:
         question = tok(prompt.question, return_tensors="pt", add_special_tokens=False).input_ids
         ids = torch.cat([ctx.input_ids, question], dim=-1)
         prefill = prefill_context(model, ctx)  # once per prompt; every configuration compresses it
-
-        def right(cache) -> bool:
-            out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwarg(model, cache), max_new_tokens=10, do_sample=False
-            )
-            return prompt.answer in tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-
-        full_right += right(copy.deepcopy(prefill.cache))  # generate appends to the cache it is given
+        full_right += answers_right(model, tok, ids, prompt.answer, copy.deepcopy(prefill.cache))  # generate appends to it
         answers = []
         for scorer, budget in CONFIGURATIONS:
             for ratio in ratios:
                 cache = prefill.compress(ratio, scorer, budget)
                 memory[scorer, budget, ratio] = cache.nbytes() / full_cache_bytes(model, ctx.input_ids.shape[1])
-                answers.append(right(cache))
+                answers.append(answers_right(model, tok, ids, prompt.answer, cache))
                 correct[scorer, budget, ratio] += answers[-1]
         print(f"prompt {k + 1}/{args.prompts}: {ctx.input_ids.shape[1]} tokens, needle {prompt.answer} at depth {depth:.2f}, "
               f"{sum(answers)}/{len(answers)} compressed caches answer it")  # fmt: skip

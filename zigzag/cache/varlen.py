@@ -54,9 +54,9 @@ import torch.nn.functional as F
 from zigzag.cache.attention import (
     ADD_OPS,
     KEY_VIEW_OPS,
+    MASK_LOOKBACK,
     MATMUL_OPS,
     SCALE_OPS,
-    MASK_LOOKBACK,
     plain,
 )
 from zigzag.cache.layer import CompressedLayerBase

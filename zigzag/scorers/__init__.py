@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from zigzag.scorers.window import group_mean, window_attention, window_mass_sum
 from zigzag.scorers.base import LayerView, Scorer, ScorerWrapper, check_scorer
 from zigzag.scorers.expected_attention import ExpectedAttention
 from zigzag.scorers.knorm import Knorm
@@ -19,6 +18,7 @@ from zigzag.scorers.random import RandomScorer
 from zigzag.scorers.snapkv import SnapKV
 from zigzag.scorers.streaming_llm import StreamingLLM
 from zigzag.scorers.tova import TOVA
+from zigzag.scorers.window import group_mean, window_attention, window_mass_sum
 from zigzag.scorers.wrappers import HeadShared, Protected
 
 SCORER_CLASSES: tuple[type[Scorer], ...] = (Knorm, SnapKV, ExpectedAttention, TOVA, StreamingLLM, RandomScorer, KVzip)

@@ -9,8 +9,8 @@ import torch
 
 from zigzag.kernels.precision import tf32_matmuls_enabled
 from zigzag.kernels.switch import kernel_switch
-from zigzag.scorers.window import group_mean, raise_protected
 from zigzag.scorers.base import LayerView, Scorer
+from zigzag.scorers.window import group_mean, raise_protected
 
 _CHUNK = 4096  # keys per step of the quadratic term; bounds memory at heads * _CHUNK * head_dim floats
 

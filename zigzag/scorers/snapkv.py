@@ -8,8 +8,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from zigzag.scorers.window import group_mean, last_queries, raise_protected, window_mass_sum
 from zigzag.scorers.base import LayerView, Scorer
+from zigzag.scorers.window import group_mean, last_queries, raise_protected, window_mass_sum
 
 
 @dataclass

@@ -7,8 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from zigzag.scorers.window import last_queries, raise_protected, window_attention
 from zigzag.scorers.base import LayerView, Scorer
+from zigzag.scorers.window import last_queries, raise_protected, window_attention
 
 
 @dataclass

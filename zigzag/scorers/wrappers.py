@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from zigzag.scorers.window import raise_protected
 from zigzag.scorers.base import LayerView, Scorer, ScorerWrapper
+from zigzag.scorers.window import raise_protected
 
 
 @dataclass

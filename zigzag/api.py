@@ -16,7 +16,7 @@ from zigzag.cache import ZigZagCache
 from zigzag.pipeline.capture import query_stats_skip, query_window_needed
 from zigzag.pipeline.full import Prefill, run_prefill
 from zigzag.pipeline.hf import check_model, eval_mode
-from zigzag.pipeline.inputs import DEFAULT_BUDGET, DEFAULT_SCORER, as_context, check_ratio, resolve_methods
+from zigzag.pipeline.inputs import DEFAULT_BUDGET, DEFAULT_SCORER, as_context, check_keep, resolve_methods
 from zigzag.pipeline.layerwise import LayerwiseCompressor, chunk_bounds
 from zigzag.scorers import Reconstruction, Scorer
 
@@ -66,15 +66,16 @@ def prefill_context(
 def compress_cache(
     model: nn.Module,
     inputs,
-    ratio: float,
+    ratio: float | None = None,
     scorer: str | Scorer = DEFAULT_SCORER,
     budget: str | BudgetAllocator = DEFAULT_BUDGET,
     *,
+    max_tokens: int | None = None,
     merge=None,
     chunk_size: int | None = None,
     progress: bool = False,
 ) -> ZigZagCache:
-    """Prefill ``inputs`` and return a compressed cache that keeps ``1 - ratio`` of it.
+    """Prefill ``inputs`` and return a compressed cache that keeps ``1 - ratio`` of it (or ``max_tokens``).
 
     Each layer is compressed right after its attention ran, so the whole uncompressed cache never
     exists; the result is the same as ``prefill_context(model, inputs).compress(ratio, scorer, budget,
@@ -89,6 +90,8 @@ def compress_cache(
         ratio: fraction of the cache removed, in ``[0, 1)``. Row ``b`` (``T_b`` real tokens) keeps
             ``num_layers * floor((1 - ratio) * T_b)`` tokens per KV head (computed exactly: 100 tokens at
             ratio 0.9 keep 10 per layer), shared across layers by ``budget``.
+        max_tokens: instead of ``ratio``, tokens kept per KV head on average over the layers: row ``b``
+            keeps ``num_layers * min(max_tokens, T_b)``. Give exactly one of the two.
         scorer: a name from ``zigzag.scorers.SCORERS`` with optional wrapper suffixes, or a scorer
             object (higher score = keep). Default: ``"expected_attention+pool25"``.
         budget: a name from ``zigzag.budget.BUDGETS`` with optional suffixes, or an allocator object.
@@ -98,7 +101,7 @@ def compress_cache(
             similar survivor's value; with ``preserve_mass``, attention adds ``log(count)`` to each
             survivor's logit.
         chunk_size: prefill at most this many tokens per forward pass. After each chunk every layer
-            is cut back to ``(1 - ratio)`` of the tokens seen so far (uniformly: the allocator only
+            is cut back to ``(1 - ratio)`` of the tokens seen so far, or ``max_tokens`` (uniformly: the allocator only
             shares the last chunk's budget, between what the layers then hold), so peak memory is
             the budget plus one chunk, not the context. Scorers see each chunk's own queries. None
             (default): one pass, and the result equals ``prefill_context(...).compress(...)``.
@@ -117,7 +120,7 @@ def compress_cache(
         ValueError / TypeError: a bad argument (the message names it and what is allowed);
             :class:`~zigzag.UnsupportedModelError` for a model zigzag cannot compress exactly.
     """
-    ratio = check_ratio(ratio)
+    keep = check_keep(ratio, max_tokens)
     scorer, allocator, merger = resolve_methods(scorer, budget, merge)
     check_model(model)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
@@ -131,7 +134,7 @@ def compress_cache(
             model, inputs, window=query_window_needed(scorer, allocator), query_stats_skip=query_stats_skip(scorer),
             reconstruction=repeat, progress=progress,
         )  # fmt: skip
-        return pre.compress(ratio, scorer, allocator, merge=merger, progress=progress)
+        return pre.compress(keep.ratio, scorer, allocator, max_tokens=keep.max_tokens, merge=merger, progress=progress)
     ctx = as_context(inputs, _device_of(model))
     bounds = chunk_bounds(ctx.seq, chunk_size)
     if len(bounds) > 1:
@@ -144,7 +147,7 @@ def compress_cache(
             )
         if allocator.granularity == "split":
             raise ValueError(f"budget {allocator.name!r} (head-wise: split across heads by score) is not supported with chunk_size yet")
-    work = LayerwiseCompressor(model, ctx, ratio, scorer, allocator, merger, progress)
+    work = LayerwiseCompressor(model, ctx, keep, scorer, allocator, merger, progress)
     with eval_mode(model):
         for k, (start, end) in enumerate(tqdm(bounds, desc="chunks", disable=not progress or len(bounds) == 1)):
             work.run_chunk(start, end, final=k == len(bounds) - 1)

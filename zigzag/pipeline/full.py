@@ -35,7 +35,7 @@ from zigzag.pipeline.hf import (
     rope_fn,
     run_model,
 )
-from zigzag.pipeline.inputs import DEFAULT_BUDGET, DEFAULT_SCORER, Context, check_ratio, kept_tokens, resolve_methods
+from zigzag.pipeline.inputs import DEFAULT_BUDGET, DEFAULT_SCORER, Context, Keep, check_keep, resolve_methods
 from zigzag.pipeline.plan import BudgetPlan
 from zigzag.pipeline.reconstruction import reconstruction_scores
 from zigzag.pipeline.select import build_layer, nan_message, score_layer, select_tokens, window_mass
@@ -119,11 +119,11 @@ class Prefill:
         ctx = self.context
         return window_mass(self.queries[layer].last(window), self.cache.layers[layer].keys, ctx.valid, self.scalings[layer], ctx.padded)
 
-    def plan(self, ratio: float, allocator: BudgetAllocator) -> BudgetPlan:
-        """The budget plan of ``allocator`` at ``ratio`` for this prefill, with LMBA measured and budgets fixed."""
+    def plan(self, keep: Keep, allocator: BudgetAllocator) -> BudgetPlan:
+        """The budget plan of ``allocator`` keeping ``keep`` of this prefill, with LMBA measured and budgets fixed."""
         ctx = self.context
         plan = BudgetPlan.start(
-            allocator, kept_tokens(ctx.lengths, ratio), ctx.lengths,
+            allocator, keep.per_layer(ctx.lengths), ctx.lengths,
             num_layers=self.num_layers, kv_heads=self.kv_heads, device=ctx.input_ids.device,
         )  # fmt: skip
         if not plan.known:
@@ -132,24 +132,34 @@ class Prefill:
             plan.settle()
         return plan
 
-    def budgets(self, ratio: float, allocator: BudgetAllocator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(batch, num_layers)`` long budgets and the ``(batch, num_layers)`` LMBA (or None).
+    def budgets(
+        self, ratio: float | None, allocator: BudgetAllocator, *, max_tokens: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(batch, num_layers)`` long budgets and the ``(batch, num_layers)`` LMBA (or None), for
+        exactly one of ``ratio`` / ``max_tokens`` (as for :func:`zigzag.compress_cache`).
 
         Head-wise allocators (granularity ``"head"``, e.g. ``zigzag_heads``) give both as
         ``(batch, num_layers, kv_heads)``: LMBA measured per KV head.
         """
-        plan = self.plan(check_ratio(ratio), allocator)
+        plan = self.plan(check_keep(ratio, max_tokens), allocator)
         return plan.budgets, plan.lmba
 
     @torch.no_grad()
     def compress(
-        self, ratio: float, scorer=DEFAULT_SCORER, budget=DEFAULT_BUDGET, *, merge=None, progress: bool = False
+        self,
+        ratio: float | None = None,
+        scorer=DEFAULT_SCORER,
+        budget=DEFAULT_BUDGET,
+        *,
+        max_tokens: int | None = None,
+        merge=None,
+        progress: bool = False,
     ) -> ZigZagCache:
         """A compressed copy of this prefill; see :func:`zigzag.compress_cache` for the arguments."""
-        ratio = check_ratio(ratio)
+        keep = check_keep(ratio, max_tokens)
         scorer, allocator, merger = resolve_methods(scorer, budget, merge)
         self._check_needs(scorer, allocator)
-        plan = self.plan(ratio, allocator)
+        plan = self.plan(keep, allocator)
         valid = self.context.valid
         nan_seen = torch.zeros((), dtype=torch.bool, device=valid.device)
         layers = []

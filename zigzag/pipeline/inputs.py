@@ -132,6 +132,43 @@ def kept_tokens(lengths: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.tensor([keep * int(t) // whole for t in lengths.tolist()], dtype=torch.long)
 
 
+@dataclass(frozen=True)
+class Keep:
+    """How many tokens each layer keeps per KV head, on average over layers: a ratio or a token budget.
+
+    Exactly one of the two is set (:func:`check_keep`).
+
+    Attributes:
+        ratio: fraction of the cache removed, in ``[0, 1)``: a row of ``T`` tokens keeps
+            ``floor((1 - ratio) * T)`` (:func:`kept_tokens`).
+        max_tokens: tokens kept per layer and KV head, ``>= 1``: a row of ``T`` tokens keeps
+            ``min(max_tokens, T)``, so rows shorter than the budget keep everything.
+    """
+
+    ratio: float | None = None
+    max_tokens: int | None = None
+
+    def per_layer(self, lengths: torch.Tensor) -> torch.Tensor:
+        """``(batch,)`` long on the host: the average tokens kept per layer by rows of ``lengths`` tokens."""
+        if self.max_tokens is not None:
+            return lengths.cpu().long().clamp(max=self.max_tokens)
+        return kept_tokens(lengths, self.ratio)
+
+
+def check_keep(ratio, max_tokens) -> Keep:
+    """The :class:`Keep` rule of exactly one of ``ratio`` / ``max_tokens``, both checked."""
+    if (ratio is None) == (max_tokens is None):
+        raise ValueError(
+            "give exactly one of ratio (fraction of the cache removed) and max_tokens (tokens kept per layer "
+            f"and KV head); got ratio={ratio!r}, max_tokens={max_tokens!r}"
+        )
+    if max_tokens is None:
+        return Keep(ratio=check_ratio(ratio))
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int (tokens kept per layer and KV head); got {max_tokens!r}")
+    return Keep(max_tokens=max_tokens)
+
+
 def resolve_methods(scorer, budget, merge) -> tuple[Scorer, BudgetAllocator, object | None]:
     """Names or objects -> the scorer, the budget allocator and the merge (or None), each checked
     against its protocol (a missing member raises ``TypeError`` naming it)."""

@@ -9,7 +9,8 @@ needs every layer's LMBA first (ZigZag), the layers are parked as
 :class:`~zigzag.pipeline.offload.Provisional` until the last one is seen, then settled.
 
 With chunks, the context is prefilled chunk by chunk: after each chunk every layer keeps
-``(1 - ratio)`` of the tokens seen so far (uniformly; the allocator shares the last chunk's budget),
+its share of the tokens seen so far (``(1 - ratio)`` of them, or at most ``max_tokens``; uniformly:
+the allocator shares the last chunk's budget),
 so memory is bounded by the budget plus one chunk, whatever the context length.
 
 Without chunks the result equals :meth:`zigzag.pipeline.full.Prefill.compress` exactly (tested):
@@ -39,7 +40,7 @@ from zigzag.pipeline.capture import (
     query_window_needed,
 )
 from zigzag.pipeline.hf import attention_modules, forward_hooks, query_projection, query_shape, rope_fn, run_model
-from zigzag.pipeline.inputs import Context, kept_tokens
+from zigzag.pipeline.inputs import Context, Keep
 from zigzag.pipeline.offload import Provisional, host_ready
 from zigzag.pipeline.plan import BudgetPlan
 from zigzag.pipeline.select import (
@@ -86,9 +87,9 @@ class LayerwiseCompressor:
     """
 
     def __init__(
-        self, model: nn.Module, ctx: Context, ratio: float, scorer: Scorer, allocator: BudgetAllocator, merger, progress: bool
+        self, model: nn.Module, ctx: Context, keep: Keep, scorer: Scorer, allocator: BudgetAllocator, merger, progress: bool
     ):
-        self.model, self.ctx, self.ratio = model, ctx, ratio
+        self.model, self.ctx, self.keep = model, ctx, keep
         self.scorer, self.allocator, self.merger = scorer, allocator, merger
         self.attentions = attention_modules(model)
         self.num_layers = len(self.attentions)
@@ -113,7 +114,7 @@ class LayerwiseCompressor:
         # Earlier chunks: every layer keeps the average. Everything the layers need from the host is
         # read here, once per chunk: a read inside a layer hook would stall the accelerator.
         plan = BudgetPlan.start(
-            self.allocator if final else Uniform(), kept_tokens(ctx.valid[:, :end].sum(dim=-1), self.ratio), held,
+            self.allocator if final else Uniform(), self.keep.per_layer(ctx.valid[:, :end].sum(dim=-1)), held,
             num_layers=self.num_layers, kv_heads=self.kv_heads, device=ctx.input_ids.device,
         )  # fmt: skip
         capture = QueryCapture(

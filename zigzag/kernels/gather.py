@@ -1,7 +1,7 @@
 """Copy the keys and values of chosen tokens, per (row, KV head): the copy every compression ends with.
 
-:func:`gather_split` is what :func:`zigzag.pipeline.select.gather_kept` and the streaming prefill use. On CUDA a
-Triton kernel (:mod:`zigzag.kernels.gather_triton`) does keys and values in one launch and writes the
+:func:`gather_split` is what :func:`zigzag.pipeline.select.gather_kept` and the layer-by-layer prefill
+(:mod:`zigzag.pipeline.layerwise`) use. On CUDA a Triton kernel (:mod:`zigzag.kernels.gather_triton`) does keys and values in one launch and writes the
 rank-major layout directly; elsewhere, or with ``set_backend("gather", "torch")`` (the ``"gather"``
 switch of :mod:`zigzag.kernels`, ``ZIGZAG_GATHER_BACKEND``), :func:`gather_split_torch`
 (``torch.gather``) does, and is the reference the kernel is tested against (the results are equal
@@ -55,7 +55,7 @@ def gather_split(
     Returns:
         ``(keys_top, values_top, keys_rest, values_rest)``: ``(batch, kv_heads, width, head_dim)``
         contiguous, then ``(n - width, batch, kv_heads, head_dim)`` contiguous, rank-major (the
-        streaming prefill sends it to the host, where fetching the next best ``m`` of every head is
+        layer-by-layer prefill sends it to the host, where fetching the next best ``m`` of every head is
         then one contiguous block).
     """
     if keys.shape != values.shape or keys.dtype != values.dtype or keys.dim() != 4:

@@ -1,8 +1,8 @@
 """Copy the keys and values of chosen tokens, per (row, KV head): the copy every compression ends with.
 
 :func:`gather_split` is what :func:`zigzag.pipeline.select.gather_kept` and the layer-by-layer prefill
-(:mod:`zigzag.pipeline.layerwise`) use. On CUDA a Triton kernel (:mod:`zigzag.kernels.gather_triton`) does keys and values in one launch and writes the
-rank-major layout directly; elsewhere, or with ``set_backend("gather", "torch")`` (the ``"gather"``
+(:mod:`zigzag.pipeline.layerwise`) use. On CUDA a Triton kernel (:mod:`zigzag.kernels.gather_triton`)
+does keys and values in one launch and writes the rank-major layout directly; elsewhere, or with ``set_backend("gather", "torch")`` (the ``"gather"``
 switch of :mod:`zigzag.kernels`, ``ZIGZAG_GATHER_BACKEND``), :func:`gather_split_torch`
 (``torch.gather``) does, and is the reference the kernel is tested against (the results are equal
 bit for bit: both only copy).

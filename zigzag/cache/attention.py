@@ -111,6 +111,20 @@ def _tail_when_no_mask(q_rows: int, n_tail: int, causal: bool, device) -> torch.
     return (j <= i + (n_tail - q_rows))[None, None]
 
 
+def appended_mask(mask: torch.Tensor, n_tail: int, layer=None) -> torch.Tensor:
+    """The model's mask ``(..., MASK_LOOKBACK + n_tail)`` without its MASK_LOOKBACK leading columns:
+    the mask of the ``n_tail`` tokens appended after compression. ``layer``: the one attended, which
+    drops this call's tokens again if :func:`~zigzag.cache.refeed.check_mask` refuses them."""
+    if mask.shape[-1] != MASK_LOOKBACK + n_tail:
+        raise RuntimeError(
+            f"the model's attention mask has {mask.shape[-1]} columns, expected {MASK_LOOKBACK + n_tail} for "
+            f"{n_tail} tokens appended after compression: was the cache used with an attention mask that "
+            "does not cover the original context?"
+        )
+    check_mask(mask, layer)  # new tokens fed where the compressed context already is
+    return mask[..., MASK_LOOKBACK:]
+
+
 def layer_mask(
     prefix_valid: torch.Tensor,
     tail_mask: torch.Tensor | None,
@@ -146,14 +160,7 @@ def layer_mask(
     if tail_mask is None:
         tail = _tail_when_no_mask(q_rows, n_tail, causal, prefix.device)
     else:
-        if tail_mask.shape[-1] != MASK_LOOKBACK + n_tail:
-            raise RuntimeError(
-                f"the model's attention mask has {tail_mask.shape[-1]} columns, expected "
-                f"{MASK_LOOKBACK + n_tail} for {n_tail} tokens appended after compression: was the cache "
-                "used with an attention mask that does not cover the original context?"
-            )
-        check_mask(tail_mask, layer)  # new tokens fed where the compressed context already is
-        tail = tail_mask[..., MASK_LOOKBACK:]
+        tail = appended_mask(tail_mask, n_tail, layer)
     if dtype is None and tail.dtype != torch.bool:
         dtype = tail.dtype
     if dtype is None and prefix_bias is not None:

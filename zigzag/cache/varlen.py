@@ -54,13 +54,12 @@ import torch.nn.functional as F
 from zigzag.cache.attention import (
     ADD_OPS,
     KEY_VIEW_OPS,
-    MASK_LOOKBACK,
     MATMUL_OPS,
     SCALE_OPS,
+    appended_mask,
     plain,
 )
 from zigzag.cache.layer import CompressedLayerBase
-from zigzag.cache.refeed import check_mask
 from zigzag.kernels.switch import kernel_switch
 
 _SWITCH = kernel_switch("varlen")
@@ -503,18 +502,8 @@ def _varlen_arg(args):
 
 
 def _tail_of(mask: torch.Tensor | None, n_tail: int, layer: VarlenLayer | None = None) -> torch.Tensor | None:
-    """The model's mask without its MASK_LOOKBACK leading columns (``layer``: the one attended, which drops
-    this call's tokens again if :func:`~zigzag.cache.refeed.check_mask` refuses them)."""
-    if mask is None:
-        return None
-    if mask.shape[-1] != MASK_LOOKBACK + n_tail:
-        raise RuntimeError(
-            f"the model's attention mask has {mask.shape[-1]} columns, expected {MASK_LOOKBACK + n_tail} for "
-            f"{n_tail} tokens appended after compression: was the cache used with an attention mask that "
-            "does not cover the original context?"
-        )
-    check_mask(mask, layer)  # new tokens fed where the compressed context already is
-    return mask[..., MASK_LOOKBACK:]
+    """:func:`~zigzag.cache.attention.appended_mask` of ``mask``, or None without one."""
+    return None if mask is None else appended_mask(mask, n_tail, layer)
 
 
 _last_tail_mask: tuple = (None, None)

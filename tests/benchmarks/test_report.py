@@ -1,5 +1,7 @@
 """The RULER report's accuracy plot: one line per (scorer, budget, merge) setting, a legend per panel,
-and --plot-top keeps only the best settings in the plot while summary.csv keeps them all."""
+and --plot-top keeps only the best settings in the plot while summary.csv keeps them all. With haystack
+families: summary rows per family and over all of them, the --lift, --families and --table tables, the
+lift bars; a folder of older records (no haystack) reads as one family."""
 
 from __future__ import annotations
 
@@ -157,3 +159,157 @@ def test_report_main_never_writes_a_blank_plot_for_a_partial_run(tmp_path, monke
     report.main([str(out)])
     assert seen and all(len(panel["lines"]) == 1 + 2 for panel in seen.values())
     assert all("average of the 1 task that ran" in panel["title"] for panel in seen.values())
+
+
+# --- haystack families ---------------------------------------------------------------------------------
+
+FAMILIES = ("essays", "noise", "novels")
+U, Z_GOOD = [100.0, 0.0, 100.0, 0.0], [100.0, 100.0, 100.0, 0.0]
+HALF, QUARTER = [50.0] * 4, [25.0] * 4  # partial credit (multi-value tasks), for a constant difference
+
+
+def _every(families: tuple[str, ...], scores: list[float]) -> dict[str, list[float]]:
+    return {family: scores for family in families}
+
+
+# (scorer, budget, ratio) -> family -> the four samples' scores on every core task.
+FAMILY_SETTINGS = {
+    ("none", "none", 0.0): _every(FAMILIES, [100.0, 100.0, 100.0, 0.0]),
+    ("ea", "uniform", 0.5): _every(FAMILIES, U),
+    ("ea", "zigzag", 0.5): {"essays": Z_GOOD, "noise": U, "novels": Z_GOOD},  # lift 25, 0, 25: mean 16.67
+    ("ea", "uniform", 0.75): _every(FAMILIES, HALF),
+    ("ea", "zigzag", 0.75): _every(FAMILIES, QUARTER),  # lift -25 on every sample
+    ("knorm", "uniform", 0.5): _every(FAMILIES, U),
+    ("knorm", "zigzag", 0.5): _every(FAMILIES, U),  # lift 0, no width
+    ("snapkv", "uniform", 0.5): {"essays": U},  # one family only: no "all" row, no lift
+    ("snapkv", "zigzag", 0.5): {"essays": Z_GOOD},
+}
+
+
+def _family_run(out: Path, settings: dict = FAMILY_SETTINGS) -> Path:
+    out.mkdir()
+    with open(out / "samples.rank0.jsonl", "w") as f:
+        for (scorer, budget, ratio), by_family in settings.items():
+            for family, scores in by_family.items():
+                f.writelines(json.dumps({
+                        "task": task, "haystack": family, "index": i, "protocol": "agnostic",
+                        "setting": f"{scorer}|{budget}|{ratio:g}|off", "scorer": scorer, "budget": budget,
+                        "ratio": ratio, "merge": "off", "score": score,
+                    }) + "\n" for task in CORE_TASKS for i, score in enumerate(scores))
+    return out
+
+
+def test_load_records_keys_by_haystack_and_old_records_get_the_default_family(tmp_path):
+    out = _family_run(tmp_path / "run")
+    records = load_records(out)
+    assert len(records) == 5 * 4 * sum(len(v) for v in FAMILY_SETTINGS.values())  # same index, other family: kept
+    old = load_records(_fake_run(tmp_path / "old"))
+    assert {r["haystack"] for r in old} == {"ruler"}
+
+
+def test_summary_has_a_row_per_family_and_all_rows_for_settings_on_every_family(tmp_path):
+    out = _family_run(tmp_path / "run")
+    report.main([str(out), "--no-plots"])
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    core5 = {(r["haystack"], r["scorer"], r["budget"], r["ratio"]): float(r["score"])
+             for r in rows if r["task"] == "core5"}
+    assert core5[("essays", "ea", "zigzag", "0.5")] == 75.0 and core5[("noise", "ea", "zigzag", "0.5")] == 50.0
+    assert core5[("all", "ea", "zigzag", "0.5")] == round((75 + 50 + 75) / 3, 2)
+    assert core5[("all", "none", "none", "0.0")] == 75.0
+    assert ("essays", "snapkv", "zigzag", "0.5") in core5 and ("all", "snapkv", "zigzag", "0.5") not in core5
+    per_task_all = [r for r in rows if r["haystack"] == "all" and r["task"] == CORE_TASKS[0] and r["scorer"] == "ea"]
+    assert len(per_task_all) == 4 and all(r["n"] == "3" for r in per_task_all)
+
+
+def test_an_old_single_family_folder_gets_no_all_rows(tmp_path):
+    out = _fake_run(tmp_path / "run")
+    report.main([str(out), "--no-plots"])
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["haystack"] for r in rows} == {"ruler"}
+    assert len([r for r in rows if r["task"] == "core5"]) == 2 + sum(len(s[4]) for s in SETTINGS)
+
+
+def test_the_plot_and_the_table_show_the_mean_over_families(tmp_path, capsys):
+    out = _family_run(tmp_path / "run")
+    rows = summarize(load_records(out))
+    drawn = plot_accuracy(rows, tmp_path / "acc.png", top=None)
+    by_label = {ln["label"].split(" (")[0]: ln for ln in drawn["agnostic"]["lines"]}
+    assert by_label["ea / zigzag / merge off"]["y"] == [round(200 / 3, 2), 25.0]
+    assert "snapkv / zigzag / merge off" not in by_label  # it ran on one family only
+    assert "mean over the 3 haystack families essays, noise, novels" in drawn["agnostic"]["title"]
+    report.main([str(out), "--no-plots", "--table"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "core5: all protocols, mean over the 3 haystack families essays, noise, novels"
+    assert "| agnostic | ea | zigzag | off | 66.7 | 25.0 |" in table
+
+
+def test_lift_table_compares_each_budget_with_uniform_paired(tmp_path, capsys):
+    out = _family_run(tmp_path / "run")
+    report.main([str(out), "--no-plots", "--lift", "--n-boot", "500"])
+    text = capsys.readouterr().out
+    assert (out / "lift.md").read_text() == text
+    lines = text.splitlines()
+    assert lines[0].startswith("agnostic: core5 lift over uniform (same scorer, ratio, merge), points, the mean over 3")
+    assert lines[1:3] == ["| scorer | zigzag 0.5 | zigzag 0.75 |", "|---|---|---|"]
+    ea, knorm = lines[3].split(" | "), lines[4].split(" | ")
+    # One difference of 100 in each of the 10 essays and novels cells of 4: a resample with none of them
+    # (0.75 ** 40) is too rare to reach the interval, which excludes 0.
+    assert ea[0] == "| ea" and ea[1].startswith("**+16.7 [") and ea[1].endswith("]**")
+    assert ea[2] == "**-25.0 [-25.0, -25.0]** |"  # a constant difference: no width, excludes 0
+    assert knorm == ["| knorm", "+0.0 [0.0, 0.0]", " |"]  # knorm never ran 0.75: an empty cell
+    assert len(lines) == 5  # snapkv ran one family only: no lift over the families
+    with open(out / "lift.csv") as f:
+        rows = {(r["scorer"], r["ratio"]): r for r in csv.DictReader(f)}
+    assert rows[("ea", "0.5")]["lift"] == "16.67" and rows[("ea", "0.5")]["n"] == str(3 * 5 * 4)
+    assert rows[("knorm", "0.5")]["excludes_zero"] == "False" and rows[("ea", "0.75")]["excludes_zero"] == "True"
+    assert rows[("ea", "0.5")]["families"] == "essays noise novels"
+
+
+def test_lift_with_another_reference_and_on_an_old_folder(tmp_path, capsys):
+    out = _family_run(tmp_path / "run")
+    report.main([str(out), "--no-plots", "--lift", "--reference", "zigzag", "--n-boot", "200"])
+    assert "| scorer | uniform 0.5 | uniform 0.75 |" in capsys.readouterr().out
+    old = _fake_run(tmp_path / "old")  # one budget per scorer: no lift to print
+    with pytest.raises(SystemExit):
+        report.main([str(old), "--no-plots", "--lift"])
+
+
+def test_families_table_lists_each_family_the_mean_with_an_interval_and_the_worst(tmp_path, capsys):
+    out = _family_run(tmp_path / "run")
+    report.main([str(out), "--no-plots", "--families", "--n-boot", "300"])
+    tables = capsys.readouterr().out.split("\n\n")
+    assert len(tables) == 2  # ratios 0.5 and 0.75
+    lines = tables[0].splitlines()
+    assert lines[0].startswith("agnostic, ratio 0.5: core5 per haystack family")
+    assert lines[1] == "| setting | essays | noise | novels | all | min |"
+    cells = lines[3].split(" | ")
+    assert cells[:4] == ["| uncompressed", "75.0", "75.0", "75.0"] and cells[-1] == "75.0 essays |"
+    low, high = (float(x) for x in cells[4].removeprefix("75.0 [").removesuffix("]").split(", "))
+    assert low < 75.0 < high
+    assert lines[4].startswith("| ea / zigzag | 75.0 | 50.0 | 75.0 | 66.7 [") and lines[4].endswith(" | 50.0 noise |")
+    assert lines[-1] == "| snapkv / zigzag | 75.0 |  |  |  |  |"  # incomplete: no mean, no min, listed last
+
+
+def test_write_report_draws_the_lift_bars_when_several_budgets_ran(tmp_path, monkeypatch):
+    out = _family_run(tmp_path / "run")
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(real(*args, **kwargs))
+        return seen
+
+    real = report.plot_lift
+    monkeypatch.setattr(report, "plot_lift", spy)
+    report.write_report(out)
+    assert (out / "lift_by_scorer.png").stat().st_size > 0
+    assert set(seen) == {"agnostic 0.5", "agnostic 0.75"}
+    bars = {(b["scorer"], b["series"]): b for b in seen["agnostic 0.5"]["bars"]}
+    assert set(bars) == {("ea", "zigzag"), ("knorm", "zigzag")}
+    assert bars[("ea", "zigzag")]["height"] == pytest.approx(16.67)
+    assert seen["agnostic 0.75"]["bars"][0]["height"] == -25.0
+    # One budget per scorer (the old fake run): no lift, no figure.
+    old = _fake_run(tmp_path / "old")
+    report.write_report(old)
+    assert not (old / "lift_by_scorer.png").exists()

@@ -13,7 +13,8 @@ from torch.autograd import DeviceType
 
 from benchmarks.perf import profile as perf_profile
 from benchmarks.perf import run as perf
-from benchmarks.ruler.pick import pick
+from benchmarks.ruler.pick import choose, pick
+from benchmarks.ruler.pick import main as pick_main
 from benchmarks.ruler.report import CORE_TASKS
 from zigzag import cache_kwarg
 
@@ -42,6 +43,46 @@ def test_pick_takes_the_best_mean_of_half_and_three_quarters(tmp_path):
     assert pick(tmp_path, "zigzag") == ("a", "zigzag+skip2", "off", 44.0)
     with pytest.raises(SystemExit, match="pyramid"):
         pick(tmp_path, "pyramid")
+
+
+def _write_families(out: Path, rows: list[tuple[str, str, float, dict[str, float]]]) -> None:
+    """rows: (scorer, budget, ratio, {haystack family: score for every core task})."""
+    with open(out / "samples.rank0.jsonl", "w") as f:
+        for scorer, budget, ratio, by_family in rows:
+            for family, score in by_family.items():
+                f.writelines(json.dumps({"task": task, "haystack": family, "index": 0, "protocol": "agnostic",
+                                         "setting": f"{scorer}|{budget}|{ratio:g}|off", "scorer": scorer,
+                                         "budget": budget, "ratio": ratio, "merge": "off", "score": score}) + "\n"
+                             for task in CORE_TASKS)
+
+
+def _both(essays: float, noise: float) -> dict[str, float]:
+    return {"essays": essays, "noise": noise}
+
+
+def test_pick_across_families_takes_the_best_mean_and_names_the_worst_family(tmp_path, capsys):
+    _write_families(tmp_path, [
+        ("none", "none", 0.0, _both(90.0, 80.0)),
+        ("a", "uniform", 0.5, _both(60.0, 40.0)), ("a", "uniform", 0.75, _both(50.0, 30.0)),  # mean 45
+        ("b", "zigzag", 0.5, _both(70.0, 20.0)), ("b", "zigzag", 0.75, _both(60.0, 40.0)),  # mean 47.5, noise 30
+        ("c", "zigzag", 0.5, {"essays": 99.0}), ("c", "zigzag", 0.75, {"essays": 99.0}),  # no noise: not eligible
+        ("d", "uniform", 0.25, _both(99.0, 99.0)), ("d", "uniform", 0.5, _both(10.0, 10.0)),
+    ])
+    choice = choose(tmp_path)
+    assert choice == ("b", "zigzag", "off", 47.5, "noise", 30.0, ("essays", "noise"))
+    assert pick(tmp_path, "uniform") == ("a", "uniform", "off", 45.0)
+    assert pick(tmp_path, ratios=(0.25, 0.5)) == ("d", "uniform", "off", 54.5)  # the only one at 0.25
+    pick_main([str(tmp_path), "--ratios", "0.5"])
+    assert capsys.readouterr().out.splitlines() == ["a uniform off 50.00", "worst family: noise 40.00"]
+    with pytest.raises(SystemExit, match="every haystack family"):
+        pick(tmp_path, "zigzag", ratios=(0.25,))
+
+
+def test_pick_on_an_old_folder_prints_one_line(tmp_path, capsys):
+    _write(tmp_path, [("a", "uniform", 0.5, 60.0), ("a", "uniform", 0.75, 40.0)])  # no haystack field
+    pick_main([str(tmp_path)])
+    assert capsys.readouterr().out == "a uniform off 50.00\n"
+    assert choose(tmp_path).families == ("ruler",)
 
 
 @pytest.fixture

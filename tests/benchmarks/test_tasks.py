@@ -7,6 +7,7 @@ so no test needs the fetched BIG-bench data; the one test of the real file skips
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import re
 import time
@@ -14,9 +15,9 @@ import time
 import pytest
 
 from benchmarks.ruler import qa
-from benchmarks.ruler.common import TOLERANCE, Sample, prompt_tokens
+from benchmarks.ruler.common import TOLERANCE, Sample, prompt_tokens, sample_seed
 from benchmarks.ruler.prose import _SENTENCE_END, essay_sentences, fill, insert
-from benchmarks.ruler.tasks import TASKS, generate_task, score_output
+from benchmarks.ruler.tasks import HAYSTACK_TASKS, TASKS, generate_task, score_output
 
 RETRIEVAL = [t for t in TASKS if t.startswith("niah") or t in ("vt", "qa_1")]
 
@@ -169,6 +170,62 @@ def test_generation_is_fast(tok, data):
     for task in TASKS:
         generate_task(task, tok, 4096, 2, seed=7)
     assert (time.perf_counter() - start) / (2 * len(TASKS)) < 0.5
+
+
+# sha256 of the samples (3 at 1024 tokens, seed 0, SmolLM2) as generated before haystack families
+# existed: the default haystacks must keep giving byte-identical prompts. qa_1 is left out (its data
+# here is the synthetic file); no haystack code touches it.
+_DEFAULT_DIGESTS = {
+    "niah_single_1": "63903db05471cd95e72ba139acfc7ae742f09221705dfa5ad49bdf61c044ffd4",
+    "niah_single_2": "1e5fe56a33e9ea151f87c8978014f97d592ace204932ad57904c9e9f2c650337",
+    "niah_single_3": "2925c049fbe58a7a70b3ec56fc0b17f243a029beca159dc7965bc13719c22b69",
+    "niah_multikey_1": "99b8a43f91c17c204583e090b15f748021b08e0b37ea89e20c2621d2123760f3",
+    "niah_multikey_2": "f1051a913de9b84c89aaf955d46ec1065dfc2bf6b7faf73586a1f276a0d4a586",
+    "niah_multikey_3": "18ad5c69f5e1bbf567364c4f59a00792d4a1ad76ff0cdf3c44f4ad09719ca64c",
+    "niah_multivalue": "cbe3eb114228a907fc37ff07c1f521f7e70aa4f9ad1a6e13092af77d7a1e8e98",
+    "niah_multiquery": "cf99e4c50a32f987a05ac462e0b86749dbed5678b9dc69c2071f8b8e774f0c1d",
+    "vt": "5a31d8eb6cd43e4b30c1909c618d247d7d2a248f01979b1d1a62b0dec49e83fa",
+    "cwe": "ad2693fd113800bff159e913ba113ab9f5f9d665689112d46f42a52b33f05b94",
+    "fwe": "2456212878aac73597ee9e179f5b5a2b7cae521222926986c368ad4c92cfe549",
+}
+
+
+def _digest(samples: list[Sample]) -> str:
+    h = hashlib.sha256()
+    for s in samples:
+        fields = [s.task, s.index, s.context, s.question, s.answer_prefix, list(s.references), s.metric]
+        h.update(json.dumps(fields).encode())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("task", sorted(_DEFAULT_DIGESTS))
+def test_default_haystacks_unchanged(task, tok):
+    samples = generate_task(task, tok, 1024, 3, seed=0)
+    assert _digest(samples) == _DEFAULT_DIGESTS[task]
+    assert all(s.haystack is None for s in samples)
+    assert generate_task(task, tok, 1024, 3, seed=0, haystack=None) == samples
+
+
+@pytest.mark.parametrize("task", [t for t in TASKS if t not in HAYSTACK_TASKS and t != "qa_1"])
+def test_family_leaves_tasks_without_filler_alone(task, tok):
+    """Needle haystacks (multikey_2/3) and the word lists of cwe/fwe stay as they are, seed included."""
+    for family in ("essays", "noise"):
+        assert _digest(generate_task(task, tok, 1024, 3, seed=0, haystack=family)) == _DEFAULT_DIGESTS[task]
+
+
+def test_family_is_in_the_seed():
+    assert sample_seed("vt", 0, 1024, 2) == "ruler/vt/0/1024/2"  # unchanged without a family
+    seeds = {sample_seed("vt", 0, 1024, 2, f) for f in (None, "essays", "novels", "manuals", "noise")}
+    assert len(seeds) == 5
+
+
+@pytest.mark.parametrize("family", ["essays", "noise"])
+def test_family_on_its_default_task_still_draws_anew(family, tok):
+    """Asking for a task's own filler by name gives other draws than the default (the seed differs)."""
+    task = "niah_single_2" if family == "essays" else "niah_single_1"
+    a, b = generate_task(task, tok, 1024, 2, seed=0), generate_task(task, tok, 1024, 2, seed=0, haystack=family)
+    assert all(x.references != y.references for x, y in zip(a, b, strict=True))
+    assert [s.haystack for s in b] == [family, family]
 
 
 def test_sentence_split_keeps_every_character():

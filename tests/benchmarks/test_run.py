@@ -78,3 +78,31 @@ def test_two_processes_give_the_one_process_results_and_resume_is_a_no_op(tmp_pa
     _run([sys.executable], one, tiny_model_dir)
     assert _comparable(one) == records
     assert json.loads((one / "config.json").read_text())["samples"] == 3
+
+
+@pytest.mark.slow
+def test_shards_families_and_calibrated_budgets(tmp_path, tiny_model_dir):
+    """``--shard K/N`` processes split the (family, task) cells and together give the one-process
+    records; every family runs every task; a calibrated budget reads its profile."""
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"layers": [1.0, 3.0]}))
+    extra = ["--haystack", "essays,noise", "--budgets", "uniform,sensitivity+bound0.2", "--calibration", str(profile),
+             "--tasks", "niah_single_1,niah_multikey_1", "--protocols", "agnostic"]
+
+    def run(out: Path, shard: str | None) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        cmd = [sys.executable, "-m", "benchmarks.ruler", *ARGS, *extra, "--model", str(tiny_model_dir), "--out", str(out)]
+        subprocess.run(cmd + (["--shard", shard] if shard else []), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
+
+    one, shards = tmp_path / "one", tmp_path / "shards"
+    run(one, None)
+    run(shards, "0/2")
+    run(shards, "1/2")
+    records = load_records(one)
+    assert {(r["haystack"], r["task"]) for r in records} == {(h, t) for h in ("essays", "noise") for t in ("niah_single_1", "niah_multikey_1")}
+    assert {r["budget"] for r in records} == {"none", "uniform", "sensitivity+bound0.2"}
+    assert len(records) == 2 * 2 * 3 * (1 + 2 * 2)  # families x tasks x samples x settings
+    assert sorted(p.name for p in shards.glob("samples.rank*.jsonl")) == ["samples.rank0.jsonl", "samples.rank1.jsonl"]
+    key = lambda r: (r["haystack"], r["task"], r["index"], r["protocol"], r["setting"], r["output"], r["score"])  # noqa: E731
+    assert sorted(map(key, load_records(shards))) == sorted(map(key, records))
+    assert not (shards / "summary.csv").exists()  # shards leave the report to a separate call

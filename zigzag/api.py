@@ -15,7 +15,8 @@ from zigzag.budget import BudgetAllocator
 from zigzag.cache import ZigZagCache
 from zigzag.pipeline.capture import query_stats_skip, query_window_needed
 from zigzag.pipeline.full import Prefill, run_prefill
-from zigzag.pipeline.hf import check_model, eval_mode
+from zigzag.pipeline.decoding import Decoding, attach_decoding
+from zigzag.pipeline.hf import attention_modules, check_model, eval_mode, query_shape, rope_fn
 from zigzag.pipeline.inputs import DEFAULT_BUDGET, DEFAULT_SCORER, as_context, check_keep, resolve_methods
 from zigzag.pipeline.layerwise import LayerwiseCompressor, chunk_bounds
 from zigzag.scorers import Reconstruction, Scorer
@@ -73,6 +74,7 @@ def compress_cache(
     max_tokens: int | None = None,
     merge=None,
     chunk_size: int | None = None,
+    decoding: Decoding | None = None,
     progress: bool = False,
 ) -> ZigZagCache:
     """Prefill ``inputs`` and return a compressed cache that keeps ``1 - ratio`` of it (or ``max_tokens``).
@@ -105,6 +107,10 @@ def compress_cache(
             shares the last chunk's budget, between what the layers then hold), so peak memory is
             the budget plus one chunk, not the context. Scorers see each chunk's own queries. None
             (default): one pass, and the result equals ``prefill_context(...).compress(...)``.
+        decoding: compress while generating too (:class:`~zigzag.Decoding`): every ``interval``
+            appended tokens, each row is cut back to ``max_tokens`` tokens per KV head on average over
+            layers, by the decoding's scorer and budget (default: this call's). ``ratio=0.0`` keeps the
+            prompt whole until the first event. The events are in ``cache.events``.
         progress: show a progress bar over layers.
 
     Scorers that reconstruct the context (:class:`~zigzag.scorers.KVzip`) need the whole context
@@ -123,6 +129,25 @@ def compress_cache(
     keep = check_keep(ratio, max_tokens)
     scorer, allocator, merger = resolve_methods(scorer, budget, merge)
     check_model(model)
+    if decoding is not None and not isinstance(decoding, Decoding):
+        raise TypeError(f"decoding must be a zigzag.Decoding or None; got {type(decoding).__name__}")
+    if decoding is not None and merger is not None:
+        raise ValueError("merge is not supported with decoding yet: evicted tokens are dropped while generating")
+    cache = _compress(model, inputs, keep, scorer, allocator, merger, chunk_size, progress)
+    if decoding is not None:
+        ctx = as_context(inputs, _device_of(model))
+        d_scorer, d_allocator, _ = resolve_methods(decoding.scorer or scorer, decoding.budget or allocator, None)
+        attach_decoding(
+            cache, decoding, d_scorer, d_allocator, rope=rope_fn(model, cache.layers[0].keys),
+            scalings=[a.scaling for a in attention_modules(model)], heads=query_shape(model.config)[0],
+            left_padding=ctx.seq - ctx.lengths,
+            prompt_length=cache.get_seq_length(),
+        )  # fmt: skip
+    return cache
+
+
+def _compress(model, inputs, keep, scorer, allocator, merger, chunk_size, progress) -> ZigZagCache:
+    """:func:`compress_cache` after validation, without the decoding."""
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
     repeat = getattr(scorer, "reconstruction", None)

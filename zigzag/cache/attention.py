@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zigzag.cache.decoding import note_queries, note_tail
 from zigzag.cache.refeed import check_mask
 
 # Shape-only operations that attention code applies to keys before using them (`repeat_kv`, GQA
@@ -122,7 +123,10 @@ def appended_mask(mask: torch.Tensor, n_tail: int, layer=None) -> torch.Tensor:
             "does not cover the original context?"
         )
     check_mask(mask, layer)  # new tokens fed where the compressed context already is
-    return mask[..., MASK_LOOKBACK:]
+    tail = mask[..., MASK_LOOKBACK:]
+    if layer is not None:
+        note_tail(layer, tail)
+    return tail
 
 
 def layer_mask(
@@ -183,6 +187,8 @@ def layer_mask(
 def _ragged_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
     prefix_valid, prefix_full, prefix_bias, layer = key._prefix_valid, key._prefix_full, key._prefix_bias, key._layer
     query, key, value = plain(query), plain(key), plain(value)
+    if layer is not None:
+        note_queries(layer, query)
     if prefix_full and prefix_bias is None and attn_mask is None and query.shape[-2] == 1:
         # Decoding one token with every slot real and no padding: no mask at all, so that SDPA may
         # pick its fastest kernel (it cannot with an explicit mask).
@@ -248,6 +254,8 @@ class RaggedKeys(torch.Tensor):
         if func in KEY_VIEW_OPS and isinstance(out, torch.Tensor):
             return RaggedKeys.wrap(out, source._prefix_valid, source._prefix_full, source._prefix_bias, source._layer)
         if func in MATMUL_OPS and isinstance(args[1], RaggedKeys):
+            if source._layer is not None:
+                note_queries(source._layer, plain(args[0]))
             return _RaggedScores.wrap(out, source._prefix_valid, source._prefix_bias, source._layer)
         return out
 

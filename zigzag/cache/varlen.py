@@ -59,6 +59,7 @@ from zigzag.cache.attention import (
     appended_mask,
     plain,
 )
+from zigzag.cache.decoding import note_queries
 from zigzag.cache.layer import CompressedLayerBase
 from zigzag.kernels.switch import kernel_switch
 
@@ -116,7 +117,9 @@ def _tail_attention(
         else:
             scores = scores + m5.float()
     lse = scores.logsumexp(dim=-1)  # (b, kh, g, rows)
-    probs = torch.exp(scores - lse[..., None])
+    # A row that sees no appended token (a padded query at the start of a continuation) has lse = -inf:
+    # its share is empty (out = 0), not the NaN of exp(-inf - -inf), which the combine would spread.
+    probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
     out = probs @ values.float()[:, :, None]  # (b, kh, g, rows, d)
     return out.reshape(b, hq, rows, d), lse.reshape(b, hq, rows)
 
@@ -534,6 +537,7 @@ def _varlen_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     if type(value) is not torch.Tensor:
         value = plain(value)
     keys = key._tensor
+    note_queries(key._varlen, query)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     mask = None if attn_mask is None else _sdpa_tail_mask(attn_mask, keys.shape[-2], key._varlen)
     return key._varlen.attend(query, keys, value, mask, scale, bool(is_causal))
@@ -570,6 +574,7 @@ class VarlenKeys(torch.Tensor):
             if isinstance(out, torch.Tensor):
                 return VarlenKeys.wrap(out, _varlen_arg(args)._varlen)
         elif func in MATMUL_OPS and isinstance(args[1], VarlenKeys):
+            note_queries(args[1]._varlen, plain(args[0]))
             return _VarlenScores.wrap(out, args[1]._varlen, plain(args[0]), 1.0, None)
         return out
 

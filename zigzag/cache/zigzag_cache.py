@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
+from zigzag.cache.decoding import DecodingState
 from zigzag.cache.layer import CompressedLayerBase
 
 
@@ -25,7 +26,12 @@ class ZigZagCache(DynamicCache):
     Attributes:
         budgets: ``(batch, num_layers)`` long, tokens kept per KV head in each layer and row.
         lmba: ``(batch, num_layers)`` float, ZigZag's layer uncertainty (LMBA) when it was measured, else None.
-        original_length: columns of the compressed ``input_ids`` (padding included).
+        original_length: columns of the compressed ``input_ids`` (padding included); after an event of
+            compression while generating, the columns the layers' prefixes stand for.
+        decoding: the state of compression while generating (:class:`zigzag.Decoding`), or None.
+        events: one dict per compression while generating (empty without it): ``step`` (tokens appended
+            since the prompt), ``held_before`` / ``held_after`` (per row, tokens per KV head on average
+            over layers), ``budgets`` (the event's budgets, as ``budgets`` above).
 
     Example:
         >>> cache = compress_cache(model, ctx, ratio=0.75, scorer="snapkv", budget="zigzag")  # doctest: +SKIP
@@ -50,6 +56,42 @@ class ZigZagCache(DynamicCache):
         Cache.__init__(self, layers=layers)
         self.budgets = budgets
         self.lmba = lmba
+        self.decoding: DecodingState | None = None
+
+    def attach_decoding(self, state: DecodingState) -> None:
+        """Compress while generating: ``state`` runs its events before the masks of a forward pass are built."""
+        self.decoding = state
+        for i, layer in enumerate(self.layers):
+            layer.decoding = (state, i)
+
+    @property
+    def events(self) -> list[dict]:
+        return [] if self.decoding is None else self.decoding.events
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        # transformers asks for the mask sizes once per forward pass, before any layer runs: the one
+        # moment an event can change the layers without invalidating a mask already built.
+        if self.decoding is not None and layer_idx == 0:
+            self.decoding.maybe_compress(self)
+        return super().get_mask_sizes(query_length, layer_idx)
+
+    def _rows_changed(self, rows: torch.Tensor) -> None:
+        if self.decoding is not None:
+            self.decoding.select_rows(rows)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._rows_changed(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        batch = self.layers[0].batch
+        super().batch_repeat_interleave(repeats)
+        self._rows_changed(torch.arange(batch).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        batch = self.layers[0].batch
+        super().batch_select_indices(indices)
+        self._rows_changed(torch.arange(batch)[indices.cpu()])
 
     @property
     def original_length(self) -> int:

@@ -22,16 +22,17 @@ from zigzag.calibrate.texts import stdlib_docstrings
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m zigzag.calibrate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("method", choices=["sensitivity"], help="what to calibrate")
     p.add_argument("--model", required=True, help="a Hugging Face folder, a .gguf file, or 'smollm2'")
     p.add_argument("--out", type=Path, required=True, help="where the JSON profile goes")
     p.add_argument("--text", type=Path, default=None, help="calibration text file (default: stdlib docstrings)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bfloat16 on CUDA, else float32")
     defaults = SensitivityConfig()
     for f in fields(SensitivityConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name),
+                       help=f"SensitivityConfig.{f.name}")
     args = p.parse_args(argv)
 
     from zigzag.testing.models import load_model, load_smollm2

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from benchmarks.cli import HelpFormatter
 from zigzag import Decoding, cache_kwarg, compress_cache
@@ -67,7 +68,8 @@ def continuation_nll(model, ids: torch.Tensor, prompt: int, interval: int, decod
     time after the first ``prompt - 1`` (the full cache when ``decoding`` is None)."""
     ctx = {"input_ids": ids[:, : prompt - 1], "attention_mask": torch.ones_like(ids[:, : prompt - 1])}
     if decoding is None:
-        cache = model(**ctx, use_cache=True).past_key_values
+        cache = DynamicCache(config=model.config)
+        model(**ctx, **cache_kwarg(model, cache))
     else:
         cache = compress_cache(model, ctx, ratio=0.0, scorer=scorer, budget=budget, decoding=decoding)
     total = torch.zeros(ids.shape[0], dtype=torch.float64)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import tiny_llama
 from tests.reference import keep_masks, masked_reference
@@ -202,3 +204,33 @@ def test_padding_inside_a_continuation_on_head_wise_layers(attn):
     for ours, ref, _ in lockstep(model, ctx, cache, [5, 1, 1], pad_continuation=True):
         assert not ours.isnan().any()
         torch.testing.assert_close(ours.double(), ref.double(), atol=2e-5, rtol=1e-4)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    max_tokens=st.integers(6, 30),
+    interval=st.integers(1, 9),
+    sinks=st.integers(0, 3),
+    recent=st.integers(0, 3),
+    budget=st.sampled_from(["uniform", "zigzag", "pyramid", "adakv", "zigzag_heads"]),
+    seed=st.integers(0, 10_000),
+)
+def test_totals_are_exact_at_every_event(max_tokens, interval, sinks, recent, budget, seed):
+    torch.manual_seed(seed)
+    model = tiny_llama(seed=seed % 7)
+    ctx = _inputs(model, seq=30, pad=5)
+    cache = compress_cache(model, ctx, ratio=0.3, scorer="knorm", budget=budget,
+                           decoding=Decoding(max_tokens=max_tokens, interval=interval, sinks=sinks, recent=recent))  # fmt: skip
+    layers = model.config.num_hidden_layers
+    for _ in lockstep(model, ctx, cache, [1] * 10):
+        pass
+    assert len(cache.events) == 9 // interval  # an event runs before a token once `interval` were appended
+    for event in cache.events:
+        budgets = torch.tensor(event["budgets"])
+        heads = budgets.shape[-1] if budgets.dim() == 3 else 1
+        held = torch.tensor(event["held_before"])
+        expected = torch.minimum(torch.tensor(max_tokens), held.floor().long())  # every row held at least that
+        assert budgets.reshape(budgets.shape[0], -1).sum(-1).tolist() == (layers * heads * expected).tolist()
+    for positions, layer in zip(cache.kept_positions, cache.layers):
+        real = (positions >= 0).sum(-1)
+        assert bool((real >= min(sinks + recent, max_tokens)).all() or layer.appended)

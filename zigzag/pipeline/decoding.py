@@ -204,7 +204,10 @@ def compress_event(
     slots = [layer_slots(layer, tail_valid) for layer in layers]
     held = torch.stack([(c >= 0).sum(-1) for _, _, c in slots], dim=1)  # (batch, L, kv_heads)
     kv_heads = held.shape[-1]
-    cap = held.min(dim=-1).values  # (batch, L): what every head of a layer can keep
+    # (batch, L): what a layer can keep per KV head. Head-wise budgets (split or head granularity) give
+    # each head up to what it holds, so a layer can keep its heads' mean; layer budgets give every head
+    # the same count, so the head that holds least bounds it.
+    cap = held.min(dim=-1).values if allocator.granularity == "layer" else held.sum(dim=-1) // kv_heads
     # Layers that hold fewer tokens than their share cap it; what they cannot take goes to the others.
     avg = torch.minimum(torch.full_like(cap[:, 0], decoding.max_tokens), cap.sum(dim=1) // num_layers)
     pad = state.left_padding.to(device)

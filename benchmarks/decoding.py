@@ -63,7 +63,9 @@ def windows(tokenizer, text: str, length: int, count: int, seed: int) -> torch.T
 
 
 @torch.no_grad()
-def continuation_nll(model, ids: torch.Tensor, prompt: int, interval: int, decoding: Decoding | None, scorer, budget) -> torch.Tensor:
+def continuation_nll(
+    model, ids: torch.Tensor, prompt: int, interval: int, decoding: Decoding | None, scorer, budget
+) -> torch.Tensor:
     """``(batch,)`` mean NLL of ``ids[:, prompt:]`` given everything before, fed ``interval`` tokens at a
     time after the first ``prompt - 1`` (the full cache when ``decoding`` is None)."""
     ctx = {"input_ids": ids[:, : prompt - 1], "attention_mask": torch.ones_like(ids[:, : prompt - 1])}
@@ -86,13 +88,17 @@ def continuation_nll(model, ids: torch.Tensor, prompt: int, interval: int, decod
 
 @torch.no_grad()
 def greedy(model, tok, new_tokens: int, decoding: Decoding | None, scorer, budget) -> list[int]:
-    text = tok.apply_chat_template([{"role": "user", "content": LONG_ANSWER_PROMPT}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": LONG_ANSWER_PROMPT}], tokenize=False, add_generation_prompt=True
+    )
     ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
     cut = ids.shape[1] - 1
     ctx = {"input_ids": ids[:, :cut], "attention_mask": torch.ones_like(ids[:, :cut])}
     kwargs = {}
     if decoding is not None:
-        kwargs = cache_kwarg(model, compress_cache(model, ctx, ratio=0.0, scorer=scorer, budget=budget, decoding=decoding))
+        kwargs = cache_kwarg(
+            model, compress_cache(model, ctx, ratio=0.0, scorer=scorer, budget=budget, decoding=decoding)
+        )
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          do_sample=False, pad_token_id=tok.pad_token_id, **kwargs)  # fmt: skip
     return out[0, ids.shape[1] :].tolist()
@@ -134,7 +140,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.decoding", description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.decoding", description=__doc__, formatter_class=HelpFormatter
+    )
     p.add_argument("--model", default="smollm2", help="evaluation model (python -m benchmarks.models list) or a path")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens (kept whole)")
@@ -179,7 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.greedy_tokens:
         reference = greedy(model, tok, args.greedy_tokens, None, None, None)
         for scorer, budget, fraction in tqdm(settings, desc="greedy"):
-            decoding = Decoding(max_tokens=int(fraction * args.greedy_tokens), interval=args.interval, recent=args.recent)
+            decoding = Decoding(
+                max_tokens=int(fraction * args.greedy_tokens), interval=args.interval, recent=args.recent
+            )
             first, share = agreement(greedy(model, tok, args.greedy_tokens, decoding, scorer, budget), reference)
             greedy_rows.append({"scorer": scorer, "budget": budget, "fraction": fraction, "max_tokens": decoding.max_tokens,
                                 "first_divergence": first, "match": share})  # fmt: skip
@@ -191,7 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "results.json").write_text(json.dumps({"args": meta, "nll": rows, "greedy": greedy_rows,
                                                        "seconds": round(time.time() - started)}, indent=1))  # fmt: skip
     best = min(rows, key=lambda r: (r["fraction"] != 0.25, r["increase"]))
-    print(f"best at a quarter of the tokens: {best['scorer']} / {best['budget']} on {best['text']}: {100 * best['increase']:+.2f}% NLL")
+    print(
+        f"best at a quarter of the tokens: {best['scorer']} / {best['budget']} on {best['text']}: {100 * best['increase']:+.2f}% NLL"
+    )
 
 
 if __name__ == "__main__":

@@ -54,7 +54,10 @@ def test_profile_on_a_tiny_model(tmp_path):
     layers = model.config.num_hidden_layers
     assert len(profile["layers"]) == layers and all(x >= 0 for x in profile["layers"])
     assert torch.tensor(profile["per_sample"]).shape == (3, layers)
-    assert torch.allclose(torch.tensor(profile["per_sample"], dtype=torch.float64).mean(0), torch.tensor(profile["layers"], dtype=torch.float64))
+    assert torch.allclose(
+        torch.tensor(profile["per_sample"], dtype=torch.float64).mean(0),
+        torch.tensor(profile["layers"], dtype=torch.float64),
+    )
     again = measure_sensitivity(model, ids, SMALL)
     assert torch.allclose(torch.tensor(again["layers"]), torch.tensor(profile["layers"]), rtol=1e-6, atol=1e-12)
     path = tmp_path / "p.json"
@@ -77,7 +80,9 @@ def test_real_model_profile(smollm2, tmp_path):
     compressing single layers changes its predictions by different amounts."""
     model, tok = smollm2
     ids = tok(stdlib_docstrings()[:100_000], add_special_tokens=False)["input_ids"]
-    config = SensitivityConfig(scorer="knorm", context_tokens=384, copy_tokens=48, cue_tokens=12, samples=2, batch_size=2)
+    config = SensitivityConfig(
+        scorer="knorm", context_tokens=384, copy_tokens=48, cue_tokens=12, samples=2, batch_size=2
+    )
     profile = measure_sensitivity(model, ids, config)
     layers = torch.tensor(profile["layers"])
     assert profile["uncompressed_nll"] < 0.5  # nats per copied token: it copies

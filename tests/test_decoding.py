@@ -37,7 +37,9 @@ def _held(cache) -> float:
 
 def _held_real(cache) -> float:
     """Real tokens per KV head (kept slots plus appended), on average over layers, rows and heads."""
-    return sum(float((p >= 0).sum(-1).float().mean()) + layer.appended for p, layer in zip(cache.kept_positions, cache.layers)) / len(cache.layers)
+    return sum(
+        float((p >= 0).sum(-1).float().mean()) + layer.appended for p, layer in zip(cache.kept_positions, cache.layers)
+    ) / len(cache.layers)
 
 
 def lockstep(model, ctx, cache, steps, *, pad_continuation: bool = False):
@@ -82,7 +84,7 @@ def test_exact_after_every_event_and_bounded(scorer, budget, attn):
     cache = compress_cache(model, ctx, ratio=0.5, scorer=spec, budget=budget, decoding=decoding)
     layers = model.config.num_hidden_layers
     events_seen = 0
-    for ours, ref, cache in lockstep(model, ctx, cache, [5] + [1] * 30, pad_continuation=True):
+    for ours, ref, _ in lockstep(model, ctx, cache, [5] + [1] * 30, pad_continuation=True):
         torch.testing.assert_close(ours.double(), ref.double(), atol=2e-5, rtol=1e-4)
         if cache.events:  # from the first event on (before it, the prompt's own budget)
             assert _held_real(cache) <= MAX_TOKENS + INTERVAL
@@ -108,7 +110,7 @@ def test_sinks_and_recent_are_kept():
     ctx = _inputs(model, pad=0)
     decoding = Decoding(max_tokens=8, interval=4, sinks=2, recent=3)
     cache = compress_cache(model, ctx, ratio=0.0, scorer="knorm", decoding=decoding)
-    for *_, cache in lockstep(model, ctx, cache, [1] * 9):
+    for _ in lockstep(model, ctx, cache, [1] * 9):
         pass
     length = cache.original_length
     for positions in cache.kept_positions:
@@ -120,9 +122,11 @@ def test_sinks_and_recent_are_kept():
 def test_prompt_kept_whole_until_the_first_event():
     model = tiny_llama()
     ctx = _inputs(model, pad=0)
-    cache = compress_cache(model, ctx, ratio=0.0, scorer="knorm", decoding=Decoding(max_tokens=10, interval=5, sinks=1, recent=2))
+    cache = compress_cache(
+        model, ctx, ratio=0.0, scorer="knorm", decoding=Decoding(max_tokens=10, interval=5, sinks=1, recent=2)
+    )
     sizes = []
-    for *_, cache in lockstep(model, ctx, cache, [1] * 7):
+    for _ in lockstep(model, ctx, cache, [1] * 7):
         sizes.append(cache.layers[0].keys.shape[-2])
     assert sizes[:5] == [41, 42, 43, 44, 45] and sizes[5] == 11  # 40 + appended, then 10 kept + the new token
     assert cache.events[0]["held_before"] == [45.0, 45.0] and cache.events[0]["held_after"] == [10.0, 10.0]
@@ -137,11 +141,17 @@ def test_generate(mode):
     mask = torch.cat([ctx["attention_mask"], torch.ones(2, 4, dtype=torch.long)], -1)
     cache = compress_cache(model, ctx, ratio=0.5, scorer="tova", budget="zigzag",
                            decoding=Decoding(max_tokens=12, interval=8, sinks=2, recent=3))  # fmt: skip
-    kwargs = {"greedy": {"do_sample": False}, "sampling": {"do_sample": True, "top_k": 5}, "beams": {"num_beams": 3, "do_sample": False}}[mode]
+    kwargs = {
+        "greedy": {"do_sample": False},
+        "sampling": {"do_sample": True, "top_k": 5},
+        "beams": {"num_beams": 3, "do_sample": False},
+    }[mode]
     model.generation_config.eos_token_id = None  # 40 tokens in every row, as in the plain loop below
     if mode == "beams":
         cache.batch_repeat_interleave(3)  # generate expands the inputs, not a cache given to it
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, pad_token_id=0, **cache_kwarg(model, cache), **kwargs)
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=40, pad_token_id=0, **cache_kwarg(model, cache), **kwargs
+    )
     assert out.shape == (2, ids.shape[1] + 40)
     assert len(cache.events) == 5 and cache.layers[0].batch == (6 if mode == "beams" else 2)
     assert _held(cache) <= 12 + 8
@@ -150,12 +160,16 @@ def test_generate(mode):
                                decoding=Decoding(max_tokens=12, interval=8, sinks=2, recent=3))  # fmt: skip
         seq, m = ids, mask
         with torch.no_grad():
-            positions = lambda m, n: (m.cumsum(-1) - 1).clamp(min=0)[:, -n:]  # noqa: E731 (as generate does)
-            logits = model(input_ids=question, attention_mask=m, position_ids=positions(m, 4), **cache_kwarg(model, fresh)).logits
+            positions = lambda m, n: (m.cumsum(-1) - 1).clamp(min=0)[:, -n:]
+            logits = model(
+                input_ids=question, attention_mask=m, position_ids=positions(m, 4), **cache_kwarg(model, fresh)
+            ).logits
             for _ in range(40):
                 token = logits[:, -1].argmax(-1, keepdim=True)
                 seq, m = torch.cat([seq, token], -1), torch.cat([m, torch.ones(2, 1, dtype=torch.long)], -1)
-                logits = model(input_ids=token, attention_mask=m, position_ids=positions(m, 1), **cache_kwarg(model, fresh)).logits
+                logits = model(
+                    input_ids=token, attention_mask=m, position_ids=positions(m, 1), **cache_kwarg(model, fresh)
+                ).logits
         assert torch.equal(seq, out)
 
 
@@ -173,7 +187,9 @@ def test_bad_settings_raise():
     with pytest.raises(ValueError, match="merge is not supported with decoding"):
         compress_cache(model, ctx, ratio=0.5, merge="cosine", decoding=Decoding(max_tokens=16, sinks=1, recent=1))
     with pytest.raises(ValueError, match="at least the 64 last queries"):
-        compress_cache(model, ctx, ratio=0.5, scorer="snapkv", decoding=Decoding(max_tokens=16, interval=8, sinks=1, recent=1))
+        compress_cache(
+            model, ctx, ratio=0.5, scorer="snapkv", decoding=Decoding(max_tokens=16, interval=8, sinks=1, recent=1)
+        )
 
 
 @pytest.mark.slow
@@ -187,7 +203,7 @@ def test_real_model_exact_and_bounded(smollm2):
     ctx = {"input_ids": ctx.input_ids, "attention_mask": ctx.attention_mask}
     cache = compress_cache(model, ctx, ratio=0.5, scorer="tova", budget="zigzag",
                            decoding=Decoding(max_tokens=96, interval=16, sinks=4, recent=16))  # fmt: skip
-    for ours, ref, cache in lockstep(model, ctx, cache, [8] + [1] * 40):
+    for ours, ref, _ in lockstep(model, ctx, cache, [8] + [1] * 40):
         torch.testing.assert_close(ours.double(), ref.double(), atol=2e-4, rtol=1e-4)
         assert not cache.events or _held_real(cache) <= 96 + 16
     assert len(cache.events) >= 2

@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 from zigzag.budget import BudgetAllocator
 from zigzag.cache import ZigZagCache
 from zigzag.pipeline.capture import query_stats_skip, query_window_needed
-from zigzag.pipeline.full import Prefill, run_prefill
 from zigzag.pipeline.decoding import Decoding, attach_decoding
+from zigzag.pipeline.full import Prefill, run_prefill
 from zigzag.pipeline.hf import attention_modules, check_model, eval_mode, query_shape, rope_fn
 from zigzag.pipeline.inputs import DEFAULT_BUDGET, DEFAULT_SCORER, as_context, check_keep, resolve_methods
 from zigzag.pipeline.layerwise import LayerwiseCompressor, chunk_bounds

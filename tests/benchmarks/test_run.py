@@ -103,6 +103,6 @@ def test_shards_families_and_calibrated_budgets(tmp_path, tiny_model_dir):
     assert {r["budget"] for r in records} == {"none", "uniform", "sensitivity+bound0.2"}
     assert len(records) == 2 * 2 * 3 * (1 + 2 * 2)  # families x tasks x samples x settings
     assert sorted(p.name for p in shards.glob("samples.rank*.jsonl")) == ["samples.rank0.jsonl", "samples.rank1.jsonl"]
-    key = lambda r: (r["haystack"], r["task"], r["index"], r["protocol"], r["setting"], r["output"], r["score"])  # noqa: E731
+    key = lambda r: (r["haystack"], r["task"], r["index"], r["protocol"], r["setting"], r["output"], r["score"])
     assert sorted(map(key, load_records(shards))) == sorted(map(key, records))
     assert not (shards / "summary.csv").exists()  # shards leave the report to a separate call

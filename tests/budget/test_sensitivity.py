@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -48,12 +49,16 @@ def test_matches_reference_within_one_token(weights, seq, frac, bound, gamma):
     assert all(abs(int(o) - r) < 1 + 1e-6 for o, r in zip(out, ref)), (out.tolist(), ref)
     assert int(out.min()) >= int(bound * avg) and int(out.max()) <= seq
     order = sorted(range(len(weights)), key=lambda i: weights[i])
-    assert all(out[a] <= out[b] for a, b in zip(order, order[1:]) if weights[a] < weights[b])
+    assert all(out[a] <= out[b] for a, b in itertools.pairwise(order) if weights[a] < weights[b])
 
 
 def test_uniform_limits():
     w = (0.1, 5.0, 2.0, 0.0)
-    for allocator in (Sensitivity(weights=w, bound_fraction=1.0), Sensitivity(weights=w, gamma=0.0), Sensitivity(weights=(0.0,) * 4)):
+    for allocator in (
+        Sensitivity(weights=w, bound_fraction=1.0),
+        Sensitivity(weights=w, gamma=0.0),
+        Sensitivity(weights=(0.0,) * 4),
+    ):
         assert allocator.allocate(torch.tensor([37]), torch.tensor([90]), 4).tolist() == [[37] * 4]
 
 

@@ -21,18 +21,25 @@ from zigzag.calibrate.texts import stdlib_docstrings
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m zigzag.calibrate", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m zigzag.calibrate", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("method", choices=["sensitivity"], help="what to calibrate")
     p.add_argument("--model", required=True, help="a Hugging Face folder, a .gguf file, or 'smollm2'")
     p.add_argument("--out", type=Path, required=True, help="where the JSON profile goes")
     p.add_argument("--text", type=Path, default=None, help="calibration text file (default: stdlib docstrings)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bfloat16 on CUDA, else float32")
+    p.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16"], help="default: bfloat16 on CUDA, else float32"
+    )
     defaults = SensitivityConfig()
     for f in fields(SensitivityConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name),
-                       help=f"SensitivityConfig.{f.name}")
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=type(getattr(defaults, f.name)),
+            default=getattr(defaults, f.name),
+            help=f"SensitivityConfig.{f.name}",
+        )
     args = p.parse_args(argv)
 
     from zigzag.testing.models import load_model, load_smollm2
@@ -47,8 +54,16 @@ def main(argv: list[str] | None = None) -> None:
     config = SensitivityConfig(**{f.name: getattr(args, f.name) for f in fields(SensitivityConfig)})
     ids = tok(text, add_special_tokens=False)["input_ids"]
     profile = measure_sensitivity(model, ids, config, progress=True)
-    save_profile(profile, args.out, model=args.model, model_type=model.config.model_type, dtype=str(dtype),
-                 text=source, text_sha256=hashlib.sha256(text.encode()).hexdigest(), text_tokens=len(ids))
+    save_profile(
+        profile,
+        args.out,
+        model=args.model,
+        model_type=model.config.model_type,
+        dtype=str(dtype),
+        text=source,
+        text_sha256=hashlib.sha256(text.encode()).hexdigest(),
+        text_tokens=len(ids),
+    )
     print(f"wrote {args.out}: " + " ".join(f"{x:.3g}" for x in profile["layers"]))
 
 

@@ -110,7 +110,11 @@ def copy_samples(token_ids: Sequence[int], config: SensitivityConfig) -> list[tu
         raise ValueError(f"the calibration text has {len(token_ids)} tokens; a context needs {span}")
     rng = random.Random(config.seed)
     slots = len(token_ids) // span
-    starts = [s * span for s in rng.sample(range(slots), n)] if slots >= n else [rng.randrange(len(token_ids) - span + 1) for _ in range(n)]
+    starts = (
+        [s * span for s in rng.sample(range(slots), n)]
+        if slots >= n
+        else [rng.randrange(len(token_ids) - span + 1) for _ in range(n)]
+    )
     out = []
     lo, hi = config.copy_tokens, span - 2 * config.copy_tokens  # away from the start and the end
     for i, start in enumerate(starts):
@@ -122,7 +126,11 @@ def copy_samples(token_ids: Sequence[int], config: SensitivityConfig) -> list[tu
 
 @torch.no_grad()
 def measure_sensitivity(
-    model: nn.Module, token_ids: Sequence[int], config: SensitivityConfig = SensitivityConfig(), *, progress: bool = False
+    model: nn.Module,
+    token_ids: Sequence[int],
+    config: SensitivityConfig = SensitivityConfig(),
+    *,
+    progress: bool = False,
 ) -> dict:
     """Measure each layer's sensitivity to compression (see the module docstring).
 
@@ -156,8 +164,10 @@ def measure_sensitivity(
             mask = torch.ones(len(batch), seq + copy.shape[1], dtype=torch.long, device=device)
             positions = torch.arange(seq, seq + copy.shape[1], device=device).expand(len(batch), -1)
 
-            def log_probs(cache) -> torch.Tensor:
-                logits = model(input_ids=copy, attention_mask=mask, position_ids=positions, **cache_kwarg(model, cache)).logits
+            def log_probs(cache, copy=copy, mask=mask, positions=positions) -> torch.Tensor:
+                logits = model(
+                    input_ids=copy, attention_mask=mask, position_ids=positions, **cache_kwarg(model, cache)
+                ).logits
                 # position j predicts copy token j + 1; the first cue_tokens tokens are read, not scored
                 return logits[:, config.cue_tokens - 1 : -1].double().log_softmax(-1)
 
@@ -187,8 +197,13 @@ def measure_sensitivity(
 
 def save_profile(profile: dict, path: str | os.PathLike[str], **about: object) -> None:
     """Write ``profile`` as JSON with what produced it (``about``: model, text, ...) and the versions."""
-    meta = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
-            "transformers": transformers.__version__, **about}
+    meta = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        **about,
+    }
     with open(path, "w", encoding="utf-8") as f:
         json.dump({**profile, "about": meta}, f, indent=1)
         f.write("\n")

@@ -16,7 +16,17 @@ from pathlib import Path
 __all__ = ["stdlib_docstrings"]
 
 # Packages whose docstrings are mostly test fixtures or generated tables, not prose.
-_SKIP = ("test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "encodings", "pydoc_data", "turtledemo")
+_SKIP = (
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "site-packages",
+    "dist-packages",
+    "encodings",
+    "pydoc_data",
+    "turtledemo",
+)
 
 
 @functools.cache

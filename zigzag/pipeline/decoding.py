@@ -247,7 +247,9 @@ def compress_event(
     if allocator.granularity == "head":
         raw = allocator.allocate(avg, cap.max(dim=1).values, num_layers, lmba).reshape(batch, -1)
         upper = held.reshape(batch, -1)
-        budgets = _fit(raw, num_layers * kv_heads * avg, upper.clamp(max=protected), upper).view(batch, num_layers, kv_heads)
+        budgets = _fit(raw, num_layers * kv_heads * avg, upper.clamp(max=protected), upper).view(
+            batch, num_layers, kv_heads
+        )
     else:
         raw = allocator.allocate(avg, cap.max(dim=1).values, num_layers, lmba)
         budgets = _fit(raw, num_layers * avg, cap.clamp(max=protected), cap)

@@ -111,6 +111,13 @@ def agreement(ours: list[int], full: list[int]) -> tuple[int, float]:
     return first, sum(a == b for a, b in zip(ours[:n], full[:n])) / max(n, 1)
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -177,10 +184,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"text": text, "scorer": scorer, "budget": budget, "fraction": fraction,
                          "max_tokens": decoding.max_tokens, "nll_full": float(full.mean()), "nll": float(nll.mean()),
                          "increase": float((nll / full - 1).mean())})  # fmt: skip
-    with open(args.out / "nll.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out / "nll.csv", rows)
     plot(rows, args.out / "nll_increase.png")
 
     greedy_rows: list[dict] = []
@@ -193,10 +197,7 @@ def main(argv: list[str] | None = None) -> None:
             first, share = agreement(greedy(model, tok, args.greedy_tokens, decoding, scorer, budget), reference)
             greedy_rows.append({"scorer": scorer, "budget": budget, "fraction": fraction, "max_tokens": decoding.max_tokens,
                                 "first_divergence": first, "match": share})  # fmt: skip
-        with open(args.out / "greedy.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(greedy_rows[0]))
-            writer.writeheader()
-            writer.writerows(greedy_rows)
+        write_csv(args.out / "greedy.csv", greedy_rows)
     meta = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     (args.out / "results.json").write_text(json.dumps({"args": meta, "nll": rows, "greedy": greedy_rows,
                                                        "seconds": round(time.time() - started)}, indent=1))  # fmt: skip

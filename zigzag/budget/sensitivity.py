@@ -117,10 +117,7 @@ class Sensitivity(BudgetAllocator):
         assert self.weights is not None  # __post_init__ guarantees it
         if len(self.weights) != num_layers:
             raise ValueError(f"the sensitivity profile has {len(self.weights)} layers, the model {num_layers}")
-        w = torch.tensor(self.weights, dtype=torch.float64)
-        w = w.pow(self.gamma) if self.gamma != 1.0 else w
-        if self.gamma == 0.0:
-            w = torch.ones_like(w)  # 0 ** 0 is 1 in torch, but keep zero weights out of doubt
-        weights = w[None].expand(avg.shape[0], num_layers)
+        # torch's 0 ** 0 is 1, so gamma 0 gives equal weights (uniform budgets), zero weights included.
+        weights = torch.tensor(self.weights, dtype=torch.float64).pow(self.gamma)[None].expand(avg.shape[0], num_layers)
         lower = (avg.double() * self.bound_fraction).floor().long()
         return apportion(weights, num_layers * avg, lower=lower[:, None], upper=seq[:, None])

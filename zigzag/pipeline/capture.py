@@ -120,6 +120,10 @@ class WindowRope:
         """``(batch, heads, window, head_dim)`` pre-RoPE queries -> after RoPE."""
         return queries * self.cos + rotate_half(queries) * self.sin
 
+    def unrotate(self, queries: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`rotate`: queries after RoPE -> before (the rotation by ``-theta``)."""
+        return queries * self.cos - rotate_half(queries) * self.sin
+
 
 @dataclass(frozen=True)
 class LayerQueries:

@@ -21,7 +21,7 @@ import torch
 from zigzag.budget import BudgetAllocator, apportion
 from zigzag.cache import CompressedLayer, VarlenLayer, ZigZagCache
 from zigzag.cache.decoding import DecodingState
-from zigzag.pipeline.hf import rotate_half
+from zigzag.pipeline.capture import WindowRope
 from zigzag.pipeline.select import build_layer, nan_message, score_layer, select_tokens, window_mass
 from zigzag.scorers import LayerView, Scorer
 
@@ -106,13 +106,14 @@ def attach_decoding(
             f"Decoding.interval ({decoding.interval}) must be at least the {scorer.query_window} last queries "
             f"{scorer.name} reads: an event scores with the queries of the tokens appended since the last one"
         )
-    state = DecodingState(interval=decoding.interval, window=query_window(scorer, allocator), num_layers=len(cache.layers),
-                          heads=heads, compress=lambda c: None, left_padding=left_padding)  # fmt: skip
-    state.compress = functools.partial(
-        compress_event, state=state, decoding=decoding, scorer=scorer, allocator=allocator, rope=rope,
-        scalings=scalings, prompt_length=prompt_length,
+    event = functools.partial(
+        compress_event, decoding=decoding, scorer=scorer, allocator=allocator, rope=rope, scalings=scalings,
+        prompt_length=prompt_length,
     )  # fmt: skip
-    cache.attach_decoding(state)
+    cache.attach_decoding(
+        DecodingState(interval=decoding.interval, window=query_window(scorer, allocator), num_layers=len(cache.layers),
+                      heads=heads, compress=event, left_padding=left_padding)
+    )  # fmt: skip
 
 
 def layer_slots(layer, tail_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -148,13 +149,12 @@ def layer_slots(layer, tail_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def _query_stats(queries: torch.Tensor, positions: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean ``(batch, heads, d)`` and covariance ``(batch, heads, d, d)`` of the recorded queries with
-    their rotation undone (RoPE turns by ``-theta`` when ``sin`` changes sign)."""
-    cos, sin = rope(positions)  # (batch, w, d)
-    q = queries.float()
-    pre = q * cos[:, None] - rotate_half(q) * sin[:, None]
+    their rotation undone, defined as the prefill's (:class:`~zigzag.pipeline.capture.QueryCapture`:
+    divided by the count)."""
+    pre = WindowRope.at(rope, positions).unrotate(queries.float())
     mean = pre.mean(dim=2)
     centred = pre - mean[:, :, None]
-    cov = centred.transpose(-1, -2) @ centred / max(pre.shape[2] - 1, 1)
+    cov = centred.transpose(-1, -2) @ centred / pre.shape[2]
     return mean, cov
 
 
@@ -186,7 +186,6 @@ def _fit(raw: torch.Tensor, total: torch.Tensor, lower: torch.Tensor, upper: tor
 def compress_event(
     cache: ZigZagCache,
     *,
-    state: DecodingState,
     decoding: Decoding,
     scorer: Scorer,
     allocator: BudgetAllocator,
@@ -195,7 +194,8 @@ def compress_event(
     prompt_length: int,
 ) -> None:
     """Cut every row of ``cache`` back to ``decoding.max_tokens`` tokens per KV head on average over
-    layers, in place, and record the event in ``state.events``."""
+    layers, in place, and record the event in ``cache.events`` (its :class:`DecodingState`)."""
+    state = cache.decoding
     layers = cache.layers
     num_layers, batch = len(layers), layers[0].batch
     device = layers[0].keys.device

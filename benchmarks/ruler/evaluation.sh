@@ -9,6 +9,8 @@
 #
 #   SMOLLM2=DIR QWEN05=DIR bash benchmarks/ruler/evaluation.sh ROOT SECONDS [WORKERS]
 #
+# MODELS (default "smollm2 qwen05") runs a subset: two runs with different MODELS may share one ROOT
+# at the same time (their sweeps are disjoint).
 # Run it again with the same ROOT to continue; a finished shard leaves ROOT/done/<sweep>.<k>.
 # SMOKE=1 shrinks everything (tiny lengths, 2 samples) to check the plumbing on a CPU.
 set -uo pipefail
@@ -17,6 +19,12 @@ end=$(( $(date +%s) + seconds ))
 left() { local s=$(( end - $(date +%s) )); echo $(( s > 1 ? s : 1 )); }
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false END_EPOCH=$end PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 py=${PYTHON:-python3}
+models=" ${MODELS:-smollm2 qwen05} "
+for key in $models; do  # each model asked for needs its folder
+  case $key in smollm2) : "${SMOLLM2:?SMOLLM2 must name the model folder}" ;; qwen05) : "${QWEN05:?QWEN05 must name the model folder}" ;;
+    *) echo "unknown model in MODELS: $key" >&2; exit 2 ;; esac
+done
+model_dir() { if [ "$1" = smollm2 ]; then echo "$SMOLLM2"; else echo "$QWEN05"; fi; }
 
 families=essays,novels,manuals,noise
 tasks=niah_single_1,niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery
@@ -34,8 +42,8 @@ fi
 mkdir -p "$root"/{calibration,done,logs}
 
 # 1. Calibration, both models at once, unless the repository holds their profiles.
-for m in "smollm2 $SMOLLM2" "qwen05 $QWEN05"; do
-  set -- $m
+for key in $models; do
+  set -- "$key" "$(model_dir "$key")"
   [ -f "$root/calibration/$1.json" ] || [ ! -f "benchmarks/results/calibration/$1.json" ] || [ "${SMOKE:-0}" = 1 ] ||
     cp "benchmarks/results/calibration/$1.json" "$root/calibration/$1.json"
   [ -f "$root/calibration/$1.json" ] || timeout "$(left)" $py -m zigzag.calibrate sensitivity --model "$2" \
@@ -45,7 +53,8 @@ wait
 
 jobs_file=$(mktemp)
 add_sweep() {  # add_sweep NAME MODEL_KEY LENGTH SEED SAMPLES RATIOS BUDGETS SCORERS PROTOCOL BATCH
-  local name=$1 key=$2 dir; dir=$([ "$2" = smollm2 ] && echo "$SMOLLM2" || echo "$QWEN05")
+  [[ $models == *" $2 "* ]] || return 0
+  local name=$1 key=$2 dir; dir=$(model_dir "$2")
   for ((k = 0; k < cells; k++)); do
     [ -f "$root/done/$name.$k" ] && continue
     echo "$name $k $py -m benchmarks.ruler --model $dir --calibration $root/calibration/$key.json --length $3 --seed $4" \
@@ -69,6 +78,7 @@ run_jobs
 # 3. Query-aware: the overall pick and the best of each budget family, chosen on the development seed.
 for m in "smollm2 $len_s" "qwen05 $len_q"; do
   set -- $m
+  [[ $models == *" $1 "* ]] || continue
   dev=$root/dev-$1-$2
   for prefix in "" uniform zigzag sensitivity; do
     read -r scorer budget _ < <($py -m benchmarks.ruler.pick "$dev" ${prefix:+--budget-prefix $prefix} 2>/dev/null) || continue

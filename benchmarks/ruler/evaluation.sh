@@ -38,6 +38,9 @@ scorers=knorm,snapkv,tova,expected_attention,expected_attention+pool25,streaming
 budgets=uniform,zigzag,sensitivity,zigzag+skip2,sensitivity+bound0.2,pyramid,adakv,zigzag_heads
 main_budgets=uniform,zigzag,sensitivity,zigzag+skip2,sensitivity+bound0.2
 cells=20  # families x tasks
+# Batch per process: Qwen at 8k and batch 25 peaks near 16 GiB in its prefill, and 8 of them beside the
+# SmolLM2 workers ran an 80 GB H100 out of memory; these keep 16 workers of both models under ~60 GiB.
+batch_s=25; batch_q=8; batch_q1=16; batch_q2=4
 dev_samples=8; rep_samples=25; cal=(--context-tokens 4096 --samples 16 --batch-size 8)
 len_s=4096; len_s2=8192; len_q=8192; len_q1=4096; len_q2=16384
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -76,12 +79,12 @@ run_jobs() {  # every line: NAME K COMMAND...; WORKERS at a time, each cut at th
 
 # 2. Development sweeps, then the reported ones of the main lengths.
 if stage dev; then
-  add_sweep dev-smollm2-$len_s smollm2 $len_s 0 $dev_samples 0.75,0.5 $budgets $scorers agnostic 25
-  add_sweep dev-qwen05-$len_q qwen05 $len_q 0 $dev_samples 0.75,0.5 $budgets $scorers agnostic 25
+  add_sweep dev-smollm2-$len_s smollm2 $len_s 0 $dev_samples 0.75,0.5 $budgets $scorers agnostic $batch_s
+  add_sweep dev-qwen05-$len_q qwen05 $len_q 0 $dev_samples 0.75,0.5 $budgets $scorers agnostic $batch_q
 fi
 if stage rep; then
-  add_sweep rep-smollm2-$len_s smollm2 $len_s 1000 $rep_samples 0.75,0.5,0.875 $budgets $scorers agnostic 25
-  add_sweep rep-qwen05-$len_q qwen05 $len_q 1000 $rep_samples 0.75,0.5,0.875 $budgets $scorers agnostic 25
+  add_sweep rep-smollm2-$len_s smollm2 $len_s 1000 $rep_samples 0.75,0.5,0.875 $budgets $scorers agnostic $batch_s
+  add_sweep rep-qwen05-$len_q qwen05 $len_q 1000 $rep_samples 0.75,0.5,0.875 $budgets $scorers agnostic $batch_q
 fi
 run_jobs
 
@@ -93,7 +96,7 @@ for m in "smollm2 $len_s" "qwen05 $len_q"; do
   for prefix in "" uniform zigzag sensitivity; do
     read -r scorer budget _ < <($py -m benchmarks.ruler.pick "$dev" ${prefix:+--budget-prefix $prefix} 2>/dev/null) || continue
     [ -n "${budget:-}" ] && add_sweep "rep-$1-$2-aware-${scorer}-${budget}" "$1" "$2" 1000 $rep_samples 0.5,0.75,0.875 \
-      "$budget" "$scorer" aware 25
+      "$budget" "$scorer" aware "$([ "$1" = smollm2 ] && echo $batch_s || echo $batch_q)"
   done
 done
 sort -u -o "$jobs_file" "$jobs_file"
@@ -101,9 +104,9 @@ run_jobs
 
 # 4. The other lengths, main budgets.
 if stage lengths; then
-  add_sweep rep-smollm2-$len_s2 smollm2 $len_s2 1000 $rep_samples 0.75,0.5 $main_budgets $scorers agnostic 25
-  add_sweep rep-qwen05-$len_q1 qwen05 $len_q1 1000 $rep_samples 0.75,0.5 $main_budgets $scorers agnostic 25
-  add_sweep rep-qwen05-$len_q2 qwen05 $len_q2 1000 $rep_samples 0.75,0.5 $main_budgets $scorers agnostic 9
+  add_sweep rep-smollm2-$len_s2 smollm2 $len_s2 1000 $rep_samples 0.75,0.5 $main_budgets $scorers agnostic $batch_s
+  add_sweep rep-qwen05-$len_q1 qwen05 $len_q1 1000 $rep_samples 0.75,0.5 $main_budgets $scorers agnostic $batch_q1
+  add_sweep rep-qwen05-$len_q2 qwen05 $len_q2 1000 $rep_samples 0.75,0.5 $main_budgets $scorers agnostic $batch_q2
 fi
 run_jobs
 rm -f "$jobs_file"

@@ -18,6 +18,7 @@ interval), --families shows core5 per family per ratio.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -34,10 +35,13 @@ ALL_HAYSTACKS = "all"
 
 def load_records(out_dir: Path) -> list[dict]:
     """All sample records of every rank, one per (task, haystack, index, protocol, setting), in a fixed
-    order. A record without a haystack (older runs) gets the default family, ``DEFAULT_HAYSTACK``."""
+    order; the ranks' ``samples.rank*.jsonl`` and, in stored results, their merge ``samples.jsonl.gz``.
+    A record without a haystack (older runs) gets the default family, ``DEFAULT_HAYSTACK``."""
     records: dict[tuple, dict] = {}
-    for path in sorted(out_dir.glob("samples.rank*.jsonl")):
-        for line in path.read_text().splitlines():
+    paths = sorted(out_dir.glob("samples.rank*.jsonl")) + sorted(out_dir.glob("samples.jsonl.gz"))
+    for path in paths:
+        text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+        for line in text.splitlines():
             if line.strip():
                 r = json.loads(line)
                 r.setdefault("haystack", DEFAULT_HAYSTACK)
@@ -533,6 +537,21 @@ def plot_lift(rows: list[dict], path: Path, level: float = 0.95) -> dict[str, di
     return drawn
 
 
+def write_complete(records: list[dict], out_dir: Path, reference: str = "uniform", n_boot: int = 2000, seed: int = 0,
+                   level: float = 0.95) -> str:
+    """``complete.csv`` (``complete.complete_rows`` of every protocol) and its markdown tables."""
+    from .complete import complete_rows, format_complete
+
+    protocols = sorted({r["protocol"] for r in records})
+    rows = [row for p in protocols for row in complete_rows(records, p, reference, n_boot, seed, level)]
+    if rows:
+        with open(out_dir / "complete.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return format_complete(rows, reference, level)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -553,6 +572,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--families", action="store_true",
                    help="print core5 per haystack family, one table per protocol and ratio, with the mean over the "
                         "families (bootstrap interval) and the worst family")
+    p.add_argument("--complete-cells", action="store_true",
+                   help="for a run cut short: per scorer, its budgets over the (task, family) cells where all of its "
+                        "settings finished, with the paired lift over --reference (benchmarks.ruler.complete); also "
+                        "written to complete.csv")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for --lift and --families")
     p.add_argument("--boot-seed", type=int, default=0, help="seed of the bootstrap resampling")
     p.add_argument("--level", type=float, default=0.95, help="coverage of the intervals")
@@ -575,6 +598,8 @@ def main(argv: list[str] | None = None) -> None:
         printed.append(write_lift(lift, args.out, args.level))
     if args.families:
         printed.append(format_families(records, rows, **boot))
+    if args.complete_cells:
+        printed.append(write_complete(records, args.out, args.reference, **boot))
     if printed:
         print("\n\n".join(printed))
 

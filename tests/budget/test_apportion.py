@@ -253,3 +253,11 @@ def test_equal_weights_exact_uniform_when_divisible() -> None:
         for w in (0.1, 1.0 / 3.0, 7.0, 1e-12):
             out = apportion(torch.full((n,), w, dtype=torch.float64), n * 17, 3, 40)
             assert out.tolist() == [17] * n
+
+
+@pytest.mark.parametrize("large", [1.0, 10.0, 1e-300, 1e200])
+def test_a_subnormal_weight_keeps_its_share_when_the_larger_is_capped(large):
+    # Exact arithmetic: the capped entry takes 8, the zero weight nothing, the tiny one the rest.
+    tiny = 5e-324
+    got = apportion(torch.tensor([0.0, large, tiny], dtype=torch.float64), 12, 0, 8).tolist()
+    assert got == [0, 8, 4]

@@ -123,11 +123,15 @@ def apportion(
     if bool((w < 0).any()):
         raise ValueError(f"weights must be >= 0; got a minimum of {w.min().item()}")
     if n > 0:
-        # Scale each row by a power of two, which is exact, so that its largest weight lies in
-        # [0.5, 1) and products with the remaining total cannot overflow. Two factors, because
-        # 2 ** 1074 (needed for subnormal weights) is not a float64.
+        # Scale each row by a power of two, which is exact for every weight it does not shrink:
+        # rows whose largest weight is below 1 go up to [1, 2) (subnormal weights then carry their
+        # full precision), rows above 2 ** 960 go down so that products with the remaining total
+        # (< 2 ** 63) cannot overflow; the others stay as they are. Shrinking a row by 2 ** -k would
+        # flush its smallest subnormals to 0, and a weight 5e-324 beside a weight 1 must keep its
+        # share when the larger is capped. Two factors, because 2 ** 1074 is not a float64.
         _, exponent = torch.frexp(w.max(dim=-1, keepdim=True).values)
-        shift = -exponent.to(torch.float64)
+        exponent = exponent.to(torch.float64)
+        shift = torch.where(exponent < 1, 1 - exponent, torch.where(exponent > 960, 960 - exponent, 0.0))
         half = torch.floor(shift / 2)
         w = w * torch.pow(2.0, half) * torch.pow(2.0, shift - half)
 

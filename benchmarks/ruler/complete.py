@@ -36,15 +36,19 @@ def _samples(records: Iterable[Mapping], protocol: str) -> dict[str, dict[Cell, 
     return out
 
 
-def complete_cells(records: Iterable[Mapping], protocol: str, settings: Sequence[str], baseline: str) -> list[Cell]:
-    """The cells, sorted, where every one of ``settings`` has a score for every sample index ``baseline``
-    (the uncompressed setting) has there."""
-    samples = _samples(records, protocol)
+def _complete(samples: Mapping[str, Mapping[Cell, Mapping[int, float]]], settings: Sequence[str],
+              baseline: str) -> list[Cell]:
     cells = []
     for cell, indices in samples.get(baseline, {}).items():
         if all(indices.keys() <= samples.get(s, {}).get(cell, {}).keys() for s in settings):
             cells.append(cell)
     return sorted(cells)
+
+
+def complete_cells(records: Iterable[Mapping], protocol: str, settings: Sequence[str], baseline: str) -> list[Cell]:
+    """The cells, sorted, where every one of ``settings`` has a score for every sample index ``baseline``
+    (the uncompressed setting) has there."""
+    return _complete(_samples(records, protocol), settings, baseline)
 
 
 def complete_rows(records: Sequence[Mapping], protocol: str = "agnostic", reference: str = "uniform",
@@ -64,7 +68,7 @@ def complete_rows(records: Sequence[Mapping], protocol: str = "agnostic", refere
             by_scorer[scorer].append(setting)
     rows = []
     for scorer, settings in sorted(by_scorer.items()):
-        cells = complete_cells(records, protocol, settings, baseline)
+        cells = _complete(samples, settings, baseline)  # one pass over the records serves every scorer
         if not cells:
             continue
         indices = {c: sorted(samples[baseline][c]) for c in cells}

@@ -30,6 +30,7 @@ done
 stages=" ${STAGES:-dev rep aware lengths} "
 for st in $stages; do case $st in dev|rep|aware|lengths) ;; *) echo "unknown stage in STAGES: $st" >&2; exit 2 ;; esac; done
 stage() { [[ $stages == *" $1 "* ]]; }
+wanted() { [[ $models == *" $1 "* ]]; }
 model_dir() { if [ "$1" = smollm2 ]; then echo "$SMOLLM2"; else echo "$QWEN05"; fi; }
 
 families=essays,novels,manuals,noise
@@ -62,7 +63,7 @@ wait
 
 jobs_file=$(mktemp)
 add_sweep() {  # add_sweep NAME MODEL_KEY LENGTH SEED SAMPLES RATIOS BUDGETS SCORERS PROTOCOL BATCH
-  [[ $models == *" $2 "* ]] || return 0
+  wanted "$2" || return 0
   local name=$1 key=$2 dir; dir=$(model_dir "$2")
   for ((k = 0; k < cells; k++)); do
     [ -f "$root/done/$name.$k" ] && continue
@@ -91,7 +92,7 @@ run_jobs
 # 3. Query-aware: the overall pick and the best of each budget family, chosen on the development seed.
 for m in "smollm2 $len_s" "qwen05 $len_q"; do
   set -- $m
-  stage aware && [[ $models == *" $1 "* ]] || continue
+  stage aware && wanted "$1" || continue
   dev=$root/dev-$1-$2
   for prefix in "" uniform zigzag sensitivity; do
     read -r scorer budget _ < <($py -m benchmarks.ruler.pick "$dev" ${prefix:+--budget-prefix $prefix} 2>/dev/null) || continue

@@ -16,7 +16,7 @@ from zigzag.cache import ZigZagCache
 from zigzag.pipeline.capture import query_stats_skip, query_window_needed
 from zigzag.pipeline.decoding import Decoding, attach_decoding
 from zigzag.pipeline.full import Prefill, run_prefill
-from zigzag.pipeline.hf import attention_modules, check_model, eval_mode, query_shape, rope_fn
+from zigzag.pipeline.hf import attention_modules, check_model, eval_mode, output_projection, query_shape, rope_fn
 from zigzag.pipeline.inputs import DEFAULT_BUDGET, DEFAULT_SCORER, as_context, check_keep, resolve_methods
 from zigzag.pipeline.layerwise import LayerwiseCompressor, chunk_bounds
 from zigzag.scorers import Reconstruction, Scorer
@@ -140,6 +140,7 @@ def compress_cache(
         attach_decoding(
             cache, decoding, d_scorer, d_allocator, rope=rope_fn(model, cache.layers[0].keys),
             scalings=[a.scaling for a in attention_modules(model)], heads=query_shape(model.config)[0],
+            output_weights=[output_projection(a).weight for a in attention_modules(model)],
             left_padding=ctx.seq - ctx.lengths,
             prompt_length=cache.get_seq_length(),
         )  # fmt: skip

@@ -119,7 +119,16 @@ def build(
         query_cov=cov.to(dtype) if stats_skip is not None else None,
         rope=(lambda p: rope_cos_sin(p, head_dim)) if stats_skip is not None else None,
         reconstruction_scores=repeated if reconstruction else None,
+        output_weight=output_weight(heads, kv_heads, head_dim).t().reshape(1, kv_heads, heads // kv_heads, head_dim, -1),
+        mean_budget=torch.tensor([r.length // 2 for r in rows]),
     )
+
+
+def output_weight(heads: int, kv_heads: int, head_dim: int, hidden: int = 24) -> torch.Tensor:
+    """A fixed random output projection ``(hidden, heads * head_dim)`` for these shapes (the same for
+    a batch and for each of its rows alone), as ``o_proj.weight`` holds it."""
+    generator = torch.Generator().manual_seed(1000 * heads + 10 * kv_heads + head_dim)
+    return torch.randn(hidden, heads * head_dim, generator=generator) * torch.rand(1, heads * head_dim, generator=generator)
 
 
 def build_for(scorer, rows: list[Row], seq: int | None = None, **kwargs) -> LayerView:
@@ -142,6 +151,7 @@ def kit() -> SimpleNamespace:
         apply_rope=apply_rope,
         Row=Row,
         random_row=random_row,
+        output_weight=output_weight,
         build=build,
         build_for=build_for,
     )

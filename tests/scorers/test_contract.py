@@ -11,6 +11,7 @@ from zigzag.scorers import (
     ExpectedAttention,
     Knorm,
     KVzip,
+    KVzipPlus,
     RandomScorer,
     Scorer,
     SnapKV,
@@ -27,6 +28,7 @@ SCORER_TABLE = [
     {"cls": ExpectedAttention, "kwargs": {"n_future": 16, "n_sink": 2}},
     {"cls": ExpectedAttention, "kwargs": {"n_future": 5, "n_sink": 0, "use_vnorm": False}},
     {"cls": KVzip, "kwargs": {}},
+    {"cls": KVzipPlus, "kwargs": {}},
 ]
 IDS = [f"{row['cls'].__name__}({','.join(f'{k}={v}' for k, v in row['kwargs'].items())})" for row in SCORER_TABLE]
 

@@ -187,28 +187,45 @@ def layer_view(
     num_layers: int,
     rope,
     reconstruction_scores: torch.Tensor | None = None,
+    output_weight: torch.Tensor | None = None,
+    mean_budget: torch.Tensor | None = None,
 ) -> LayerView:
     """The :class:`LayerView` that ``scorer`` reads for one layer.
 
     Args:
         positions: ``(batch, seq)`` RoPE positions of the context columns (``slots.columns`` index it).
         rope: the model's rotary embedding (given to scorers that read query statistics).
+        output_weight: the weight of the layer's output projection, ``(hidden, heads * head_dim)``.
+        mean_budget: ``(batch,)`` long, tokens per KV head kept on average (:attr:`LayerView.mean_budget`).
 
     When every KV head holds its own slots (``slots.per_head``), each ``(row, KV head)`` becomes a row
     of its own, ``(batch * kv_heads, 1, slots, head_dim)``, with that head's query group.
     """
     window = queries.last(scorer.query_window)
     rope = rope if scorer.needs_query_stats else None
+    batch, kv_heads, _, head_dim = slots.keys.shape
+    per_value = None if output_weight is None else values_to_output(output_weight, kv_heads, head_dim)
     if not slots.per_head:
         return LayerView(
             slots.keys, slots.values, slots.valid, positions[:, : slots.keys.shape[2]], scaling, layer_idx, num_layers,
             window, queries.mean, queries.cov, rope, padded=slots.padded, reconstruction_scores=reconstruction_scores,
+            output_weight=per_value, mean_budget=mean_budget,
         )  # fmt: skip
-    batch, kv_heads = slots.keys.shape[:2]
     rows = batch * kv_heads
     flat = positions.gather(1, slots.columns.clamp(min=0).reshape(batch, -1)).reshape(rows, -1)
+    if per_value is not None:  # row b * kv_heads + g reads KV head g's projection
+        per_value = per_value.expand(batch, *per_value.shape[1:]).reshape(rows, 1, *per_value.shape[2:])
     return LayerView(
         slots.keys.reshape(rows, 1, *slots.keys.shape[2:]), slots.values.reshape(rows, 1, *slots.values.shape[2:]),
         slots.valid.reshape(rows, -1), flat, scaling, layer_idx, num_layers, fold_heads(window, kv_heads),
         fold_heads(queries.mean, kv_heads), fold_heads(queries.cov, kv_heads), rope,
+        output_weight=per_value, mean_budget=None if mean_budget is None else mean_budget.repeat_interleave(kv_heads),
     )  # fmt: skip
+
+
+def values_to_output(weight: torch.Tensor, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """``(hidden, heads * head_dim)`` output-projection weight -> ``(1, kv_heads, groups, head_dim, hidden)``,
+    a view: ``v @ result[0, g, j]`` is what query head ``g * groups + j`` writes for value ``v``."""
+    hidden, width = weight.shape
+    groups = width // (kv_heads * head_dim)
+    return weight.t().view(1, kv_heads, groups, head_dim, hidden)

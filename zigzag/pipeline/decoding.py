@@ -21,7 +21,7 @@ import torch
 from zigzag.budget import BudgetAllocator, apportion
 from zigzag.cache import CompressedLayer, VarlenLayer, ZigZagCache
 from zigzag.cache.decoding import DecodingState
-from zigzag.pipeline.capture import WindowRope
+from zigzag.pipeline.capture import WindowRope, values_to_output
 from zigzag.pipeline.select import build_layer, nan_message, score_layer, select_tokens, window_mass
 from zigzag.scorers import LayerView, Scorer
 
@@ -88,12 +88,15 @@ def attach_decoding(
     heads: int,
     left_padding: torch.Tensor,
     prompt_length: int,
+    output_weights: list[torch.Tensor] | None = None,
 ) -> None:
     """Make ``cache`` compress while generating.
 
     Args:
         rope: the model's rotary embedding (:func:`~zigzag.pipeline.hf.rope_fn`).
         scalings: each layer's softmax scale.
+        output_weights: each layer's output-projection weight ``(hidden, heads * head_dim)``, for
+            scorers that read ``LayerView.output_weight``; None: they get None.
         heads: the model's query heads.
         left_padding: ``(batch,)`` long, padding columns before each row's prompt (RoPE positions are
             columns minus these).
@@ -108,7 +111,7 @@ def attach_decoding(
         )
     event = functools.partial(
         compress_event, decoding=decoding, scorer=scorer, allocator=allocator, rope=rope, scalings=scalings,
-        prompt_length=prompt_length,
+        prompt_length=prompt_length, output_weights=output_weights,
     )  # fmt: skip
     cache.attach_decoding(
         DecodingState(interval=decoding.interval, window=query_window(scorer, allocator), num_layers=len(cache.layers),
@@ -192,6 +195,7 @@ def compress_event(
     rope,
     scalings: list[float],
     prompt_length: int,
+    output_weights: list[torch.Tensor] | None = None,
 ) -> None:
     """Cut every row of ``cache`` back to ``decoding.max_tokens`` tokens per KV head on average over
     layers, in place, and record the event in ``cache.events`` (its :class:`DecodingState`)."""
@@ -227,7 +231,8 @@ def compress_event(
             keys=keys, values=values, valid=valid, positions=(columns.max(dim=1).values - pad[:, None]).clamp_min(0),
             scaling=scalings[i], layer_idx=i, num_layers=num_layers,
             window_queries=None if scorer.query_window == 0 else _last(queries, min(scorer.query_window, keys.shape[2])),
-            query_mean=mean, query_cov=cov, rope=rope, padded=True,
+            query_mean=mean, query_cov=cov, rope=rope, padded=True, mean_budget=avg,
+            output_weight=None if output_weights is None else values_to_output(output_weights[i], kv_heads, keys.shape[-1]),
         )  # fmt: skip
         s = score_layer(scorer, view, nan_seen).masked_fill(columns < 0, float("-inf"))
         views.append(view)

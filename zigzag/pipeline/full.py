@@ -30,6 +30,7 @@ from zigzag.pipeline.hf import (
     attention_modules,
     eval_mode,
     forward_hooks,
+    output_projection,
     query_projection,
     query_shape,
     rope_fn,
@@ -72,6 +73,7 @@ class Prefill:
     query_stats_skip: int | None
     reconstruction: Reconstruction | None = None
     reconstruction_scores: list[torch.Tensor] = field(default_factory=list)
+    output_weights: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def num_layers(self) -> int:
@@ -104,13 +106,17 @@ class Prefill:
         full = self.cache.layers[layer]
         return Slots(full.keys, full.values, None, self.context.valid, padded=self.context.padded)
 
-    def scores(self, scorer: Scorer, layer: int, nan_seen: torch.Tensor | None = None) -> torch.Tensor:
+    def scores(
+        self, scorer: Scorer, layer: int, nan_seen: torch.Tensor | None = None, mean_budget: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``(batch, kv_heads, seq)`` float32 scores of one layer, ``-inf`` on padding (see
-        :func:`~zigzag.pipeline.select.score_layer` for ``nan_seen``)."""
+        :func:`~zigzag.pipeline.select.score_layer` for ``nan_seen``; ``mean_budget`` as in
+        :class:`~zigzag.scorers.LayerView`)."""
         view = layer_view(
             scorer, self._slots(layer), self.queries[layer], self.context.positions, scaling=self.scalings[layer],
             layer_idx=layer, num_layers=self.num_layers, rope=self.rope,
             reconstruction_scores=self.reconstruction_scores[layer] if self.reconstruction_scores else None,
+            output_weight=self.output_weights[layer] if self.output_weights else None, mean_budget=mean_budget,
         )  # fmt: skip
         return score_layer(scorer, view, nan_seen)
 
@@ -162,9 +168,10 @@ class Prefill:
         plan = self.plan(keep, allocator)
         valid = self.context.valid
         nan_seen = torch.zeros((), dtype=torch.bool, device=valid.device)
+        mean_budget = plan.avg_budget.to(valid.device)
         layers = []
         for i in tqdm(range(self.num_layers), desc="compressing layers", disable=not progress):
-            scores = self.scores(scorer, i, nan_seen)
+            scores = self.scores(scorer, i, nan_seen, mean_budget)
             layer_budget = plan.layer(i, scores, valid)
             kept = select_tokens(scores, layer_budget.device, layer_budget.width)
             full = self.cache.layers[i]
@@ -210,6 +217,7 @@ def run_prefill(
         queries=queries,
         rope=rope,
         scalings=[a.scaling for a in attentions],
+        output_weights=[output_projection(a).weight for a in attentions],
         window=window,
         query_stats_skip=query_stats_skip,
         reconstruction=reconstruction,

@@ -57,6 +57,11 @@ def query_projection(attention: nn.Module) -> nn.Module:
     return attention.q_norm if hasattr(attention, "q_norm") else attention.q_proj
 
 
+def output_projection(attention: nn.Module) -> nn.Module:
+    """The linear map from the concatenated head outputs ``(..., heads * head_dim)`` to the hidden size."""
+    return attention.o_proj
+
+
 @contextlib.contextmanager
 def forward_hooks(modules_and_hooks) -> Iterator[None]:
     """Forward hooks on ``(module, hook)`` pairs inside the block, always removed after it."""

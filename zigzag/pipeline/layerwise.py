@@ -39,7 +39,15 @@ from zigzag.pipeline.capture import (
     query_stats_skip,
     query_window_needed,
 )
-from zigzag.pipeline.hf import attention_modules, forward_hooks, query_projection, query_shape, rope_fn, run_model
+from zigzag.pipeline.hf import (
+    attention_modules,
+    forward_hooks,
+    output_projection,
+    query_projection,
+    query_shape,
+    rope_fn,
+    run_model,
+)
 from zigzag.pipeline.inputs import Context, Keep
 from zigzag.pipeline.offload import Provisional, host_ready
 from zigzag.pipeline.plan import BudgetPlan
@@ -157,8 +165,10 @@ class LayerwiseCompressor:
         queries = chunk.capture.take(layer, chunk.rope)
         scaling = self.attentions[layer].scaling
         view = layer_view(
-            self.scorer, slots, queries, ctx.positions, scaling=scaling, layer_idx=layer, num_layers=self.num_layers, rope=self.rope
-        )
+            self.scorer, slots, queries, ctx.positions, scaling=scaling, layer_idx=layer, num_layers=self.num_layers,
+            rope=self.rope, output_weight=output_projection(self.attentions[layer]).weight,
+            mean_budget=chunk.plan.avg_budget.to(slots.keys.device),
+        )  # fmt: skip
         scores = score_layer(self.scorer, view, self.nan_seen).reshape(*slots.keys.shape[:3])
         plan = chunk.plan
         if plan.known:

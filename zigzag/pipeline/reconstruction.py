@@ -27,15 +27,18 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from zigzag.kernels.precision import tf32_matmuls
+from zigzag.pipeline.capture import values_to_output
 from zigzag.pipeline.hf import (
     attention_modules,
     forward_hooks,
+    output_projection,
     query_projection,
     query_shape,
     rope_fn,
     rotate_half,
     run_model,
 )
+from zigzag.scorers.critical import value_output_norms
 from zigzag.scorers.kvzip import Reconstruction
 
 PROBABILITY_BLOCK_ELEMENTS = 1 << 26
@@ -51,8 +54,13 @@ def max_attention(
     first_query_column: int,
     context: int,
     scaling: float,
+    key_weight: torch.Tensor | None = None,
+    query_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The largest attention probability each context key receives from a block of queries.
+
+    With ``key_weight`` ``(batch, heads, context)`` and ``query_weight`` ``(batch, n)`` (KVzip+), each
+    probability is first multiplied by the key's weight in that query head and by the query's weight.
 
     Args:
         queries: ``(batch, heads, n, head_dim)`` float32 after RoPE; ``heads`` is a multiple of
@@ -84,6 +92,10 @@ def max_attention(
         logits.masked_fill_(~seen[:, None, None], float("-inf"))
         probs = logits.softmax(dim=-1)[..., :context]  # (batch, kv_heads, group, block, context)
         probs.mul_(query_valid[:, None, None, start:stop, None])
+        if key_weight is not None:
+            probs.mul_(key_weight.reshape(batch, kv_heads, group, 1, context))
+        if query_weight is not None:
+            probs.mul_(query_weight[:, None, None, start:stop, None])
         best = torch.maximum(best, probs.amax(dim=(2, 3)))
     return best
 
@@ -101,13 +113,36 @@ class _Repeat:
 
 
 class _Scores:
-    """Hooks that turn each layer's reconstruction queries into a running max over chunks."""
+    """Hooks that turn each layer's reconstruction queries into a running max over chunks.
 
-    def __init__(self, cache: DynamicCache, num_layers: int, heads: int, head_dim: int):
+    With ``output_weights`` (KVzip+), probabilities are weighted by ``||v W_o^h||_2 / ||x_t||_2``:
+    the norm of what the key's value writes to the residual stream through query head ``h``, over the
+    norm of the repeated token's input to the attention (the normalized hidden state)."""
+
+    def __init__(
+        self, cache: DynamicCache, num_layers: int, heads: int, head_dim: int, output_weights: list[torch.Tensor] | None
+    ):
         self.cache, self.heads, self.head_dim = cache, heads, head_dim
         self.best: list[torch.Tensor | None] = [None] * num_layers
         self.queries: dict[int, torch.Tensor] = {}
         self.repeat: _Repeat | None = None
+        self.output_weights = output_weights
+        self.value_norms: dict[int, torch.Tensor] = {}  # layer -> (batch, heads, context), once per call
+        self.input_norms: dict[int, torch.Tensor] = {}  # layer -> (batch, n), per chunk
+
+    def on_attention_input(self, layer: int):
+        def hook(module, args, output):
+            self.input_norms[layer] = torch.linalg.vector_norm(args[0][:, self.repeat.prompt :].float(), dim=-1)
+
+        return hook
+
+    def _key_weight(self, layer: int, values: torch.Tensor) -> torch.Tensor:
+        if layer not in self.value_norms:
+            context = values[:, :, : self.repeat.context]
+            batch, kv_heads = context.shape[:2]
+            per_value = values_to_output(self.output_weights[layer], kv_heads, self.head_dim)
+            self.value_norms[layer] = value_output_norms(context, per_value, p=2.0).reshape(batch, self.heads, -1)
+        return self.value_norms[layer]
 
     def on_queries(self, layer: int):
         def hook(module, args, output):
@@ -122,10 +157,15 @@ class _Scores:
             repeat, keys = self.repeat, self.cache.layers[layer].keys
             q = self.queries.pop(layer)
             q = q * repeat.cos + rotate_half(q) * repeat.sin
+            key_weight = query_weight = None
+            if self.output_weights is not None:
+                key_weight = self._key_weight(layer, self.cache.layers[layer].values)
+                query_weight = 1.0 / self.input_norms.pop(layer).clamp(min=torch.finfo(torch.float32).tiny)
             with tf32_matmuls():
                 found = max_attention(
-                    q, keys, repeat.key_valid, repeat.query_valid, repeat.context + repeat.prompt, repeat.context, scaling
-                )
+                    q, keys, repeat.key_valid, repeat.query_valid, repeat.context + repeat.prompt, repeat.context, scaling,
+                    key_weight, query_weight,
+                )  # fmt: skip
             self.best[layer] = found if self.best[layer] is None else torch.maximum(self.best[layer], found)
 
         return hook
@@ -153,7 +193,8 @@ def reconstruction_scores(
         progress: show a progress bar over chunks.
 
     Returns:
-        One ``(batch, kv_heads, seq)`` float32 tensor per layer, in ``[0, 1]``; 0 on padding.
+        One ``(batch, kv_heads, seq)`` float32 tensor per layer, ``>= 0`` (in ``[0, 1]`` unless
+        ``setup.output_weighted``); 0 on padding.
     """
     attentions = attention_modules(model)
     heads, _, head_dim = query_shape(model.config)
@@ -161,10 +202,13 @@ def reconstruction_scores(
     device = input_ids.device
     lengths = valid.sum(dim=-1)
     prompt = torch.tensor(setup.prompt_ids, dtype=torch.long, device=device).expand(batch, -1)
-    scores = _Scores(cache, len(attentions), heads, head_dim)
+    weights = [output_projection(a).weight for a in attentions] if setup.output_weighted else None
+    scores = _Scores(cache, len(attentions), heads, head_dim, weights)
     saved = [(layer.keys, layer.values) for layer in cache.layers]
     rope = rope_fn(model, saved[0][0])
     hooks = [(query_projection(a), scores.on_queries(i)) for i, a in enumerate(attentions)]
+    if setup.output_weighted:
+        hooks += [(a.q_proj, scores.on_attention_input(i)) for i, a in enumerate(attentions)]
     hooks += [(a, scores.after_attention(i, a.scaling)) for i, a in enumerate(attentions)]
     starts = range(0, seq, setup.chunk_size)
     with forward_hooks(hooks):

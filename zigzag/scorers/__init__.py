@@ -10,9 +10,10 @@ import re
 from typing import Any
 
 from zigzag.scorers.base import LayerView, Scorer, ScorerWrapper, check_scorer
+from zigzag.scorers.critical import CriticalKV, value_output_norms
 from zigzag.scorers.expected_attention import ExpectedAttention
 from zigzag.scorers.knorm import Knorm
-from zigzag.scorers.kvzip import KVzip, Reconstruction, with_reconstruction
+from zigzag.scorers.kvzip import KVzip, KVzipPlus, Reconstruction, with_reconstruction
 from zigzag.scorers.pooled import SpanPooled
 from zigzag.scorers.random import RandomScorer
 from zigzag.scorers.snapkv import SnapKV
@@ -21,7 +22,7 @@ from zigzag.scorers.tova import TOVA
 from zigzag.scorers.window import group_mean, window_attention, window_mass_sum
 from zigzag.scorers.wrappers import HeadShared, Protected
 
-SCORER_CLASSES: tuple[type[Scorer], ...] = (Knorm, SnapKV, ExpectedAttention, TOVA, StreamingLLM, RandomScorer, KVzip)
+SCORER_CLASSES: tuple[type[Scorer], ...] = (Knorm, SnapKV, ExpectedAttention, TOVA, StreamingLLM, RandomScorer, KVzip, KVzipPlus)
 """Every scorer class zigzag ships (wrappers aside); a new one is one file and one entry here."""
 
 SCORERS: dict[str, type[Scorer]] = {cls.name: cls for cls in SCORER_CLASSES}
@@ -34,11 +35,12 @@ WRAPPER_SUFFIXES = {
     "sharedmax": "HeadShared(inner, reduce='max'): the same, with the best rank over the heads",
     "first<n>": "Protected(inner, first=n): the first n tokens are always kept",
     "last<n>": "Protected(inner, first=0, last=n): the last n tokens are always kept",
+    "critical": "CriticalKV(inner): two-stage selection, attention times the L1 norm of the projected value",
 }
 """Suffixes :func:`get_scorer` understands after a registry name, applied left to right (each wraps
 the scorer built so far): ``"expected_attention+pool5+shared+first64+last32"``."""
 
-_SUFFIX = re.compile(r"^(maxpool|pool|first|last)([0-9]+)$|^(shared|sharedmax)$")
+_SUFFIX = re.compile(r"^(maxpool|pool|first|last)([0-9]+)$|^(shared|sharedmax|critical)$")
 
 
 def _wrap(scorer: Any, suffix: str, spec: str) -> Any:
@@ -49,6 +51,8 @@ def _wrap(scorer: Any, suffix: str, spec: str) -> Any:
             + ", ".join(f"+{k}" for k in WRAPPER_SUFFIXES)
         )
     kind, number, flag = match.groups()
+    if flag == "critical":
+        return CriticalKV(scorer)
     if flag:
         return HeadShared(scorer, reduce="mean" if flag == "shared" else "max")
     n = int(number)
@@ -101,9 +105,11 @@ __all__ = [
     "SCORER_CLASSES",
     "TOVA",
     "WRAPPER_SUFFIXES",
+    "CriticalKV",
     "ExpectedAttention",
     "HeadShared",
     "KVzip",
+    "KVzipPlus",
     "Knorm",
     "LayerView",
     "Protected",
@@ -117,6 +123,7 @@ __all__ = [
     "check_scorer",
     "get_scorer",
     "group_mean",
+    "value_output_norms",
     "window_attention",
     "window_mass_sum",
     "with_reconstruction",

@@ -46,6 +46,13 @@ class LayerView:
         reconstruction_scores: ``(batch, kv_heads, seq)`` float32, the largest attention each token got
             while the model repeated the context (:mod:`zigzag.pipeline.reconstruction`), or None when no
             scorer asked for them.
+        output_weight: ``(batch or 1, kv_heads, groups, head_dim, hidden)``, the layer's output
+            projection as it acts on values: query head ``h = g * groups + j`` adds ``v @
+            output_weight[:, g, j]`` to the residual stream for value ``v`` of KV head ``g``; a view of
+            the ``o_proj`` weight, or None where the caller has no model (a scorer tested on its own).
+        mean_budget: ``(batch,)`` long, the tokens per KV head the compression keeps on average over
+            the layers of each row, or None where unknown. A hint for scorers whose rule depends on
+            the budget (CriticalKV's first stage); budgets themselves come later, from the allocator.
     """
 
     keys: torch.Tensor
@@ -61,6 +68,8 @@ class LayerView:
     rope: RopeFn | None = None
     padded: bool = True
     reconstruction_scores: torch.Tensor | None = None
+    output_weight: torch.Tensor | None = None
+    mean_budget: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:

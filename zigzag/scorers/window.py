@@ -161,13 +161,14 @@ def raise_protected(scores: torch.Tensor, protected: torch.Tensor, valid: torch.
 
     Args:
         scores: ``(batch, kv_heads, seq)`` float.
-        protected: ``(batch, seq)`` bool, the tokens to lift (e.g. the observation window, sinks).
+        protected: ``(batch, seq)`` bool, the tokens to lift (e.g. the observation window, sinks), or
+            ``(batch, kv_heads, seq)`` when each KV head protects its own.
         valid: ``(batch, seq)`` bool, False on padding.
 
     Returns:
         ``(batch, kv_heads, seq)`` new tensor, same dtype as ``scores``.
     """
-    protected = (protected & valid)[:, None, :]  # (batch, 1, seq)
+    protected = (protected & valid[:, None, :]) if protected.dim() == 3 else (protected & valid)[:, None, :]
     others = valid[:, None, :] & ~protected
     top_other = scores.masked_fill(~others, float("-inf")).amax(dim=-1, keepdim=True)
     low_protected = scores.masked_fill(~protected, float("inf")).amin(dim=-1, keepdim=True)

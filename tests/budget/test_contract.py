@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zigzag.budget import BUDGETS, AdaKV, Pyramid, Sensitivity, Uniform, ZigZag, ZigZagHeads
+from zigzag.budget import BUDGETS, AdaKV, Pyramid, Sensitivity, SimLayerKV, Uniform, ZigZag, ZigZagHeads
 
 BUDGET_TABLE = [
     {"cls": Uniform, "kwargs": {}},
@@ -23,6 +23,8 @@ BUDGET_TABLE = [
     {"cls": ZigZagHeads, "kwargs": {"group": "mean", "skip_layers": 1}},
     {"cls": Sensitivity, "kwargs": {"weights": (0.0, 3.0, 1.0, 0.5, 9.0, 2.0)}},
     {"cls": Sensitivity, "kwargs": {"weights": (1.0, 0.0, 0.0, 4.0, 2.0, 2.0), "bound_fraction": 0.0, "gamma": 0.5}},
+    {"cls": SimLayerKV, "kwargs": {"threshold": 0.3, "n_initial": 2, "n_recent": 16}},
+    {"cls": SimLayerKV, "kwargs": {"threshold": 0.0, "n_initial": 0, "n_recent": 3}},  # every layer lazy
 ]
 IDS = [f"{row['cls'].__name__}({','.join(f'{k}={v}' for k, v in row['kwargs'].items())})" for row in BUDGET_TABLE]
 LAYERS, KV_HEADS, HEADS = 6, 2, 4

@@ -12,6 +12,8 @@
   LMBA (:func:`zigzag_head_budgets`): granularity ``"head"``, ``(batch, L, kv_heads)`` budgets.
 * :class:`Sensitivity` (``"sensitivity"``): budgets from a per-layer sensitivity profile calibrated
   once per model (:mod:`zigzag.calibrate`); ``get_budget("sensitivity", profile=path)``.
+* :class:`SimLayerKV` (``"simlayerkv"``, https://arxiv.org/abs/2410.13846): layers whose last query
+  looks only at the sinks and recent tokens keep only those; the others share the rest.
 * :data:`BUDGETS` and :func:`get_budget`: the registry. Names take options as ``+<option><value>``
   suffixes (:data:`BUDGET_OPTIONS`), e.g. ``"zigzag+skip2+cap2"`` or ``"zigzag_heads+gamma0.5"``.
 """
@@ -28,6 +30,7 @@ from zigzag.budget.base import GRANULARITIES, BudgetAllocator, check_allocate_ar
 from zigzag.budget.heads import ZigZagHeads, layer_mean_budgets, zigzag_head_budgets
 from zigzag.budget.pyramid import Pyramid
 from zigzag.budget.sensitivity import Sensitivity, read_profile
+from zigzag.budget.simlayerkv import SimLayerKV, sink_and_recent_mass
 from zigzag.budget.uniform import Uniform
 from zigzag.budget.zigzag import LMBA_REL_TOL, ZigZag, lmba, lmba_per_head
 
@@ -41,6 +44,7 @@ __all__ = [
     "BudgetAllocator",
     "Pyramid",
     "Sensitivity",
+    "SimLayerKV",
     "Uniform",
     "ZigZag",
     "ZigZagHeads",
@@ -53,10 +57,11 @@ __all__ = [
     "lmba",
     "lmba_per_head",
     "read_profile",
+    "sink_and_recent_mass",
     "zigzag_head_budgets",
 ]
 
-ALLOCATORS: tuple[type[BudgetAllocator], ...] = (Uniform, Pyramid, ZigZag, AdaKV, ZigZagHeads, Sensitivity)
+ALLOCATORS: tuple[type[BudgetAllocator], ...] = (Uniform, Pyramid, ZigZag, AdaKV, ZigZagHeads, Sensitivity, SimLayerKV)
 """Every allocator class zigzag ships; a new one is one file and one entry here."""
 
 BUDGETS: dict[str, type[BudgetAllocator]] = {cls.name: cls for cls in ALLOCATORS}

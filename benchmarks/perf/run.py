@@ -419,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", default="32768,131072", help="context lengths for overhead/merge/heads")
     parser.add_argument("--sections", default="overhead,merge,heads,chunked,batch", help="comma list of the sections to run (see above)")
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of the cache removed (overhead, merge, heads)")
+    parser.add_argument("--scorers", default="knorm,snapkv,expected_attention", help="overhead: scorers timed (names with suffixes)")
+    parser.add_argument("--budgets", default="uniform,zigzag", help="overhead: budgets timed with every scorer")
     parser.add_argument("--decode-steps", type=int, default=20, help="decode steps timed per row (all sections but heads)")
     parser.add_argument("--decode-batches", default="1,8", help="heads: decode batches (the one-row cache repeated)")
     parser.add_argument("--decode-rounds", type=int, default=5, help="heads: interleaved rounds per cache and batch")
@@ -472,9 +474,14 @@ def main(argv: list[str] | None = None) -> None:
         common = dict(reps=reps, decode_steps=steps, ratio=args.ratio)
         if "overhead" in sections:
             run_case(rows, meter, model, ids, section="overhead", method="none", reps=reps, decode_steps=steps)
-            for scorer in ("knorm", "snapkv", "expected_attention"):
-                for budget in ("uniform", "zigzag"):
-                    run_case(rows, meter, model, ids, section="overhead", method=f"{scorer}/{budget}", scorer=scorer, budget=budget, **common)
+            for scorer in args.scorers.split(","):
+                for budget in args.budgets.split(","):
+                    try:
+                        run_case(rows, meter, model, ids, section="overhead", method=f"{scorer}/{budget}", scorer=scorer, budget=budget, **common)
+                    except torch.OutOfMemoryError as error:  # one scorer's memory need must not end the run
+                        meter.free()
+                        rows.append({"section": "overhead", "method": f"{scorer}/{budget}", "tokens": length, "error": str(error)[:200]})
+                        print(json.dumps(rows[-1]), flush=True)
         if "merge" in sections:
             for budget in ("uniform", "zigzag"):
                 run_case(rows, meter, model, ids, section="merge", method=f"knorm/{budget}", scorer="knorm", budget=budget, **common)

@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from zigzag.scorers import (
+    H2O,
     SCORERS,
     TOVA,
     ExpectedAttention,
     Knorm,
     KVzip,
     KVzipPlus,
+    ObservedAttention,
     RandomScorer,
     Scorer,
     SnapKV,
@@ -29,6 +31,10 @@ SCORER_TABLE = [
     {"cls": ExpectedAttention, "kwargs": {"n_future": 5, "n_sink": 0, "use_vnorm": False}},
     {"cls": KVzip, "kwargs": {}},
     {"cls": KVzipPlus, "kwargs": {}},
+    {"cls": ObservedAttention, "kwargs": {}},
+    {"cls": ObservedAttention, "kwargs": {"window": 5, "block_size": 3}},
+    {"cls": H2O, "kwargs": {}},
+    {"cls": H2O, "kwargs": {"recent_ratio": 0.25, "block_size": 7}},
 ]
 IDS = [f"{row['cls'].__name__}({','.join(f'{k}={v}' for k, v in row['kwargs'].items())})" for row in SCORER_TABLE]
 
@@ -41,6 +47,11 @@ BAD_KWARGS = [
     (ExpectedAttention, {"n_sink": -2}),
     (ExpectedAttention, {"epsilon": -1.0}),
     (RandomScorer, {"seed": 1.5}),
+    (ObservedAttention, {"window": 0}),
+    (ObservedAttention, {"block_size": 0}),
+    (H2O, {"recent_ratio": -0.1}),
+    (H2O, {"recent_ratio": 1.5}),
+    (H2O, {"window": 0}),
 ]
 
 

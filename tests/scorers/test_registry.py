@@ -63,7 +63,7 @@ def test_the_base_class_gives_defaults():
 
 def test_errors():
     with pytest.raises(ValueError, match="knorm"):
-        get_scorer("h2o")
+        get_scorer("scissorhands")
     with pytest.raises(TypeError):
         get_scorer(3)
     with pytest.raises(TypeError):

@@ -108,7 +108,7 @@ def test_suffixes_build_the_wrappers_left_to_right():
     assert t.query_window == SnapKV().query_window and t.inner.mode == "max" and t.reduce == "max"
 
 
-@pytest.mark.parametrize(("spec", "match"), [("knorm+pool", "unknown suffix"), ("knorm+pool4", "odd"), ("knorm+median3", "unknown suffix"), ("h2o+pool5", "unknown scorer")])
+@pytest.mark.parametrize(("spec", "match"), [("knorm+pool", "unknown suffix"), ("knorm+pool4", "odd"), ("knorm+median3", "unknown suffix"), ("scissorhands+pool5", "unknown scorer")])
 def test_bad_suffixes(spec, match):
     with pytest.raises(ValueError, match=match):
         get_scorer(spec)

@@ -10,10 +10,13 @@ import re
 from typing import Any
 
 from zigzag.scorers.base import LayerView, Scorer, ScorerWrapper, check_scorer
+from zigzag.scorers.chunkkv import ChunkKV
 from zigzag.scorers.critical import CriticalKV, value_output_norms
 from zigzag.scorers.expected_attention import ExpectedAttention
+from zigzag.scorers.h2o import H2O
 from zigzag.scorers.knorm import Knorm
 from zigzag.scorers.kvzip import KVzip, KVzipPlus, Reconstruction, with_reconstruction
+from zigzag.scorers.observed import ALL_QUERIES, ObservedAttention
 from zigzag.scorers.pooled import SpanPooled
 from zigzag.scorers.random import RandomScorer
 from zigzag.scorers.snapkv import SnapKV
@@ -22,7 +25,7 @@ from zigzag.scorers.tova import TOVA
 from zigzag.scorers.window import group_mean, window_attention, window_mass_sum
 from zigzag.scorers.wrappers import HeadShared, Protected
 
-SCORER_CLASSES: tuple[type[Scorer], ...] = (Knorm, SnapKV, ExpectedAttention, TOVA, StreamingLLM, RandomScorer, KVzip, KVzipPlus)
+SCORER_CLASSES: tuple[type[Scorer], ...] = (Knorm, SnapKV, ExpectedAttention, TOVA, StreamingLLM, RandomScorer, KVzip, KVzipPlus, ObservedAttention, H2O)
 """Every scorer class zigzag ships (wrappers aside); a new one is one file and one entry here."""
 
 SCORERS: dict[str, type[Scorer]] = {cls.name: cls for cls in SCORER_CLASSES}
@@ -35,12 +38,13 @@ WRAPPER_SUFFIXES = {
     "sharedmax": "HeadShared(inner, reduce='max'): the same, with the best rank over the heads",
     "first<n>": "Protected(inner, first=n): the first n tokens are always kept",
     "last<n>": "Protected(inner, first=0, last=n): the last n tokens are always kept",
+    "chunk<k>": "ChunkKV(inner, k): whole chunks of k tokens, ranked by the inner scorer's mean over the chunk",
     "critical": "CriticalKV(inner): two-stage selection, attention times the L1 norm of the projected value",
 }
 """Suffixes :func:`get_scorer` understands after a registry name, applied left to right (each wraps
 the scorer built so far): ``"expected_attention+pool5+shared+first64+last32"``."""
 
-_SUFFIX = re.compile(r"^(maxpool|pool|first|last)([0-9]+)$|^(shared|sharedmax|critical)$")
+_SUFFIX = re.compile(r"^(maxpool|pool|first|last|chunk)([0-9]+)$|^(shared|sharedmax|critical)$")
 
 
 def _wrap(scorer: Any, suffix: str, spec: str) -> Any:
@@ -56,6 +60,8 @@ def _wrap(scorer: Any, suffix: str, spec: str) -> Any:
     if flag:
         return HeadShared(scorer, reduce="mean" if flag == "shared" else "max")
     n = int(number)
+    if kind == "chunk":
+        return ChunkKV(scorer, n)
     if kind in ("pool", "maxpool"):
         return SpanPooled(scorer, n, mode="max" if kind == "maxpool" else "mean")
     return Protected(scorer, first=n) if kind == "first" else Protected(scorer, first=0, last=n)
@@ -101,10 +107,13 @@ def get_scorer(spec: Any) -> Scorer:
 
 
 __all__ = [
+    "ALL_QUERIES",
+    "H2O",
     "SCORERS",
     "SCORER_CLASSES",
     "TOVA",
     "WRAPPER_SUFFIXES",
+    "ChunkKV",
     "CriticalKV",
     "ExpectedAttention",
     "HeadShared",
@@ -112,6 +121,7 @@ __all__ = [
     "KVzipPlus",
     "Knorm",
     "LayerView",
+    "ObservedAttention",
     "Protected",
     "RandomScorer",
     "Reconstruction",

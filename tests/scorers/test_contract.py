@@ -6,13 +6,17 @@ import pytest
 import torch
 
 from zigzag.scorers import (
+    CUR,
     H2O,
     SCORERS,
     TOVA,
     ExpectedAttention,
+    KeyDiff,
     Knorm,
     KVzip,
     KVzipPlus,
+    LagKV,
+    LeverageScore,
     ObservedAttention,
     RandomScorer,
     Scorer,
@@ -35,6 +39,14 @@ SCORER_TABLE = [
     {"cls": ObservedAttention, "kwargs": {"window": 5, "block_size": 3}},
     {"cls": H2O, "kwargs": {}},
     {"cls": H2O, "kwargs": {"recent_ratio": 0.25, "block_size": 7}},
+    {"cls": KeyDiff, "kwargs": {}},
+    {"cls": LagKV, "kwargs": {}},  # n_sink 16, lag 128: every row below is kept whole
+    {"cls": LagKV, "kwargs": {"n_sink": 2, "lag_size": 4}},
+    {"cls": LagKV, "kwargs": {"n_sink": 0, "lag_size": 3, "chunk_ranks": False}},
+    {"cls": LeverageScore, "kwargs": {}},
+    {"cls": LeverageScore, "kwargs": {"center": False, "pre_rope": True}},
+    {"cls": CUR, "kwargs": {}},
+    {"cls": CUR, "kwargs": {"n_sink": 0, "local_window": 0, "combine": "mean", "leverage": "norm"}},
 ]
 IDS = [f"{row['cls'].__name__}({','.join(f'{k}={v}' for k, v in row['kwargs'].items())})" for row in SCORER_TABLE]
 
@@ -52,6 +64,14 @@ BAD_KWARGS = [
     (H2O, {"recent_ratio": -0.1}),
     (H2O, {"recent_ratio": 1.5}),
     (H2O, {"window": 0}),
+    (LagKV, {"n_sink": -1}),
+    (LagKV, {"lag_size": 1}),
+    (LagKV, {"lag_size": 0}),
+    (CUR, {"n_sink": -1}),
+    (CUR, {"local_window": 1}),
+    (CUR, {"local_window": -4}),
+    (CUR, {"combine": "sum"}),
+    (CUR, {"leverage": "sketch"}),
 ]
 
 

@@ -12,10 +12,14 @@ from typing import Any
 from zigzag.scorers.base import LayerView, Scorer, ScorerWrapper, check_scorer
 from zigzag.scorers.chunkkv import ChunkKV
 from zigzag.scorers.critical import CriticalKV, value_output_norms
+from zigzag.scorers.cur import CUR
 from zigzag.scorers.expected_attention import ExpectedAttention
 from zigzag.scorers.h2o import H2O
+from zigzag.scorers.keydiff import KeyDiff
 from zigzag.scorers.knorm import Knorm
 from zigzag.scorers.kvzip import KVzip, KVzipPlus, Reconstruction, with_reconstruction
+from zigzag.scorers.lagkv import LagKV
+from zigzag.scorers.leverage import LeverageScore, leverage_scores
 from zigzag.scorers.observed import ALL_QUERIES, ObservedAttention
 from zigzag.scorers.pooled import SpanPooled
 from zigzag.scorers.random import RandomScorer
@@ -25,7 +29,10 @@ from zigzag.scorers.tova import TOVA
 from zigzag.scorers.window import group_mean, window_attention, window_mass_sum
 from zigzag.scorers.wrappers import HeadShared, Protected
 
-SCORER_CLASSES: tuple[type[Scorer], ...] = (Knorm, SnapKV, ExpectedAttention, TOVA, StreamingLLM, RandomScorer, KVzip, KVzipPlus, ObservedAttention, H2O)
+SCORER_CLASSES: tuple[type[Scorer], ...] = (
+    Knorm, SnapKV, ExpectedAttention, TOVA, StreamingLLM, RandomScorer, KVzip, KVzipPlus, ObservedAttention, H2O,
+    KeyDiff, LagKV, LeverageScore, CUR,
+)
 """Every scorer class zigzag ships (wrappers aside); a new one is one file and one entry here."""
 
 SCORERS: dict[str, type[Scorer]] = {cls.name: cls for cls in SCORER_CLASSES}
@@ -108,6 +115,7 @@ def get_scorer(spec: Any) -> Scorer:
 
 __all__ = [
     "ALL_QUERIES",
+    "CUR",
     "H2O",
     "SCORERS",
     "SCORER_CLASSES",
@@ -119,8 +127,11 @@ __all__ = [
     "HeadShared",
     "KVzip",
     "KVzipPlus",
+    "KeyDiff",
     "Knorm",
+    "LagKV",
     "LayerView",
+    "LeverageScore",
     "ObservedAttention",
     "Protected",
     "RandomScorer",
@@ -133,6 +144,7 @@ __all__ = [
     "check_scorer",
     "get_scorer",
     "group_mean",
+    "leverage_scores",
     "value_output_norms",
     "window_attention",
     "window_mass_sum",

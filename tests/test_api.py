@@ -283,3 +283,35 @@ def test_unpadded_batches_skip_the_padding_mask_with_the_same_scores():
         masked = pre.scores(scorer, layer)
         pre.context = replace(pre.context, padded=False)
         torch.testing.assert_close(fast, masked, rtol=0, atol=0)
+
+
+NEW_METHODS = [
+    ("keydiff", "uniform"),
+    ("lagkv", "uniform"),
+    ("leverage", "uniform"),
+    ("cur", "uniform"),
+    ("observed_attention", "uniform"),
+    ("h2o", "uniform"),
+    ("snapkv+chunk10", "uniform"),
+    ("tova+critical", "uniform"),
+    ("snapkv+critical", "adakv"),
+    ("kvzip_plus", "uniform"),
+    ("snapkv", "simlayerkv+recent64+threshold0.5"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("scorer", "budget"), NEW_METHODS, ids=[f"{s}-{b}" for s, b in NEW_METHODS])
+def test_every_method_gives_the_masked_reference_on_smollm2(smollm2, scorer, budget):
+    """Each method's cache on the real model: continuation logits equal the float64 masked full cache,
+    and the method chose something other than plain recency."""
+    model, tok = smollm2
+    ctx, question, _ = _batch(tok, lengths=(260, 190))
+    cache = compress_cache(model, ctx, ratio=0.6, scorer=scorer, budget=budget)
+    ours = _continuation_logits(model, ctx, question, cache)
+    full = prefill_context(model, ctx, window=0, query_stats_skip=None).cache
+    with masked_reference(model, keep_masks(cache.kept_positions, ctx.input_ids.shape[1])):
+        ref = _continuation_logits(model, ctx, question, full)
+    assert (ours - ref).abs().max().item() < 1e-3
+    recent = cache.kept_positions[5][0] >= ctx.input_ids.shape[1] - cache.kept_positions[5].shape[-1]
+    assert not bool(recent.all())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zigzag.budget import BUDGETS, AdaKV, Pyramid, Sensitivity, SimLayerKV, Uniform, ZigZag, ZigZagHeads
+from zigzag.budget import BUDGETS, AdaKV, DuoAttention, Pyramid, Sensitivity, SimLayerKV, Uniform, ZigZag, ZigZagHeads
 
 BUDGET_TABLE = [
     {"cls": Uniform, "kwargs": {}},
@@ -25,6 +25,11 @@ BUDGET_TABLE = [
     {"cls": Sensitivity, "kwargs": {"weights": (1.0, 0.0, 0.0, 4.0, 2.0, 2.0), "bound_fraction": 0.0, "gamma": 0.5}},
     {"cls": SimLayerKV, "kwargs": {"threshold": 0.3, "n_initial": 2, "n_recent": 16}},
     {"cls": SimLayerKV, "kwargs": {"threshold": 0.0, "n_initial": 0, "n_recent": 3}},  # every layer lazy
+    {
+        "cls": DuoAttention,
+        "kwargs": {"weights": ((0.0, 3.0), (1.0, 0.5), (9.0, 2.0), (0.1, 0.2), (4.0, 4.0), (0.3, 7.0)), "n_sink": 4, "recent": 8},
+    },
+    {"cls": DuoAttention, "kwargs": {"weights": ((1.0, 1.0),) * 6}},
 ]
 IDS = [f"{row['cls'].__name__}({','.join(f'{k}={v}' for k, v in row['kwargs'].items())})" for row in BUDGET_TABLE]
 LAYERS, KV_HEADS, HEADS = 6, 2, 4

@@ -18,6 +18,7 @@ from zigzag.scorers import (
     LagKV,
     LeverageScore,
     ObservedAttention,
+    QFilters,
     RandomScorer,
     Scorer,
     SnapKV,
@@ -81,7 +82,25 @@ def scorer(request):
 
 
 def test_every_registered_scorer_is_in_the_table():
-    assert set(SCORERS.values()) <= {row["cls"] for row in SCORER_TABLE}
+    calibrated = {cls for cls in SCORERS.values() if getattr(cls, "calibrated", False)}  # below, per shape
+    assert set(SCORERS.values()) - calibrated <= {row["cls"] for row in SCORER_TABLE}
+
+
+@pytest.mark.parametrize("n_sink", [0, 2])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_calibrated_qfilters_keep_the_contract(kit, groups, n_sink):
+    """QFilters are built for one model's shapes: one per shape here, then the table's checks."""
+    kv_heads, head_dim = 2, 8
+    heads = kv_heads * groups
+    scorer = QFilters(filters=torch.randn(1, heads, head_dim), kv_heads=kv_heads, scales=torch.rand(1, heads), n_sink=n_sink)
+    assert SCORERS[scorer.name] is QFilters and scorer.query_window == 0
+    rows = [kit.random_row(n, heads, kv_heads, head_dim) for n in (30, 26, 5, 1)]
+    batch_scores = scorer.score(kit.build_for(scorer, rows, seq=32))
+    assert batch_scores.shape == (4, kv_heads, 32) and batch_scores.dtype == torch.float32
+    for b, row in enumerate(rows):
+        alone = scorer.score(kit.build_for(scorer, [row]))
+        assert torch.isfinite(alone).all()
+        torch.testing.assert_close(batch_scores[b, :, 32 - row.length :], alone[0], rtol=1e-5, atol=1e-5)
 
 
 def test_attributes(scorer):

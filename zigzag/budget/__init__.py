@@ -14,6 +14,8 @@
   once per model (:mod:`zigzag.calibrate`); ``get_budget("sensitivity", profile=path)``.
 * :class:`SimLayerKV` (``"simlayerkv"``, https://arxiv.org/abs/2410.13846): layers whose last query
   looks only at the sinks and recent tokens keep only those; the others share the rest.
+* :class:`DuoAttention` (``"duo"``, https://arxiv.org/abs/2410.10819): calibrated per-KV-head
+  streaming deviations; streaming heads keep sinks + recent tokens, retrieval heads the rest.
 * :data:`BUDGETS` and :func:`get_budget`: the registry. Names take options as ``+<option><value>``
   suffixes (:data:`BUDGET_OPTIONS`), e.g. ``"zigzag+skip2+cap2"`` or ``"zigzag_heads+gamma0.5"``.
 """
@@ -27,6 +29,7 @@ from collections.abc import Sequence
 from zigzag.budget.adakv import AdaKV, adakv_head_budgets
 from zigzag.budget.apportion import apportion
 from zigzag.budget.base import GRANULARITIES, BudgetAllocator, check_allocate_args, check_allocator
+from zigzag.budget.duo import DuoAttention, duo_head_budgets, read_duo_profile
 from zigzag.budget.heads import ZigZagHeads, layer_mean_budgets, zigzag_head_budgets
 from zigzag.budget.pyramid import Pyramid
 from zigzag.budget.sensitivity import Sensitivity, read_profile
@@ -42,6 +45,7 @@ __all__ = [
     "LMBA_REL_TOL",
     "AdaKV",
     "BudgetAllocator",
+    "DuoAttention",
     "Pyramid",
     "Sensitivity",
     "SimLayerKV",
@@ -52,16 +56,18 @@ __all__ = [
     "apportion",
     "check_allocate_args",
     "check_allocator",
+    "duo_head_budgets",
     "get_budget",
     "layer_mean_budgets",
     "lmba",
     "lmba_per_head",
+    "read_duo_profile",
     "read_profile",
     "sink_and_recent_mass",
     "zigzag_head_budgets",
 ]
 
-ALLOCATORS: tuple[type[BudgetAllocator], ...] = (Uniform, Pyramid, ZigZag, AdaKV, ZigZagHeads, Sensitivity, SimLayerKV)
+ALLOCATORS: tuple[type[BudgetAllocator], ...] = (Uniform, Pyramid, ZigZag, AdaKV, ZigZagHeads, Sensitivity, SimLayerKV, DuoAttention)
 """Every allocator class zigzag ships; a new one is one file and one entry here."""
 
 BUDGETS: dict[str, type[BudgetAllocator]] = {cls.name: cls for cls in ALLOCATORS}

@@ -22,6 +22,7 @@ from zigzag.scorers.lagkv import LagKV
 from zigzag.scorers.leverage import LeverageScore, leverage_scores
 from zigzag.scorers.observed import ALL_QUERIES, ObservedAttention
 from zigzag.scorers.pooled import SpanPooled
+from zigzag.scorers.qfilters import QFilters
 from zigzag.scorers.random import RandomScorer
 from zigzag.scorers.snapkv import SnapKV
 from zigzag.scorers.streaming_llm import StreamingLLM
@@ -31,7 +32,7 @@ from zigzag.scorers.wrappers import HeadShared, Protected
 
 SCORER_CLASSES: tuple[type[Scorer], ...] = (
     Knorm, SnapKV, ExpectedAttention, TOVA, StreamingLLM, RandomScorer, KVzip, KVzipPlus, ObservedAttention, H2O,
-    KeyDiff, LagKV, LeverageScore, CUR,
+    KeyDiff, LagKV, LeverageScore, CUR, QFilters,
 )
 """Every scorer class zigzag ships (wrappers aside); a new one is one file and one entry here."""
 
@@ -96,6 +97,11 @@ def get_scorer(spec: Any) -> Scorer:
         key, *suffixes = spec.strip().lower().replace("-", "_").split("+")
         if key not in SCORERS:
             raise ValueError(f"unknown scorer {spec!r}; known scorers: {', '.join(sorted(SCORERS))}")
+        if getattr(SCORERS[key], "calibrated", False):
+            raise ValueError(
+                f"scorer {key!r} is calibrated once per model: build it from its file, e.g. "
+                f"{SCORERS[key].__name__}.from_file(path) (written by `python -m zigzag.calibrate {key}`)"
+            )
         scorer = SCORERS[key]()
         for suffix in suffixes:
             scorer = _wrap(scorer, suffix.strip(), spec)
@@ -134,6 +140,7 @@ __all__ = [
     "LeverageScore",
     "ObservedAttention",
     "Protected",
+    "QFilters",
     "RandomScorer",
     "Reconstruction",
     "Scorer",

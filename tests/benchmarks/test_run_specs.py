@@ -37,7 +37,7 @@ def test_kvzip_settings_get_the_runs_reconstruction_prompt():
     assert make_scorer("knorm", setup).name == "knorm"
 
 
-@pytest.mark.parametrize("flag,value", [("--scorers", "knorm+pool4"), ("--scorers", "h2o"), ("--budgets", "zigzag+foo2"), ("--budgets", "zz")])
+@pytest.mark.parametrize("flag,value", [("--scorers", "knorm+pool4"), ("--scorers", "scissorhands"), ("--budgets", "zigzag+foo2"), ("--budgets", "zz")])
 def test_bad_names_are_rejected(flag, value, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--out", "x", flag, value])

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -39,7 +38,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from zigzag.budget.duo import read_duo_profile
 from zigzag.calibrate.sensitivity import save_profile
-from zigzag.calibrate.texts import stdlib_docstrings
+from zigzag.calibrate.texts import stdlib_docstrings, window_starts
 from zigzag.pipeline.hf import (
     attention_modules,
     check_model,
@@ -233,13 +232,7 @@ def calibration_chunks(token_ids: Sequence[int], config: DuoConfig) -> list[list
     span, n = config.chunk_tokens, config.chunks
     if len(token_ids) < span:
         raise ValueError(f"the calibration text has {len(token_ids)} tokens; a chunk needs {span}")
-    rng = random.Random(config.seed)
-    slots = len(token_ids) // span
-    starts = (
-        [s * span for s in rng.sample(range(slots), n)]
-        if slots >= n
-        else [rng.randrange(len(token_ids) - span + 1) for _ in range(n)]
-    )
+    starts = window_starts(len(token_ids), span, n, config.seed)
     return [list(token_ids[start : start + span]) for start in starts]
 
 

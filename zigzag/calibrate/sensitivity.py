@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import random
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 
 from zigzag.api import prefill_context
 from zigzag.budget.base import BudgetAllocator, check_allocate_args
+from zigzag.calibrate.texts import window_starts
 from zigzag.pipeline.hf import cache_kwarg, decoder_of, eval_mode
 from zigzag.pipeline.inputs import DEFAULT_SCORER
 
@@ -108,13 +108,7 @@ def copy_samples(token_ids: Sequence[int], config: SensitivityConfig) -> list[tu
     span, n = config.context_tokens, config.samples
     if len(token_ids) < span:
         raise ValueError(f"the calibration text has {len(token_ids)} tokens; a context needs {span}")
-    rng = random.Random(config.seed)
-    slots = len(token_ids) // span
-    starts = (
-        [s * span for s in rng.sample(range(slots), n)]
-        if slots >= n
-        else [rng.randrange(len(token_ids) - span + 1) for _ in range(n)]
-    )
+    starts = window_starts(len(token_ids), span, n, config.seed)
     out = []
     lo, hi = config.copy_tokens, span - 2 * config.copy_tokens  # away from the start and the end
     for i, start in enumerate(starts):

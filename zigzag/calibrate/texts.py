@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import ast
 import functools
+import random
 import sysconfig
 from pathlib import Path
 
-__all__ = ["stdlib_docstrings"]
+__all__ = ["stdlib_docstrings", "window_starts"]
 
 # Packages whose docstrings are mostly test fixtures or generated tables, not prose.
 _SKIP = (
@@ -53,3 +54,13 @@ def stdlib_docstrings(min_words: int = 12) -> str:
     if not parts:
         raise FileNotFoundError(f"no docstrings found under {root}")
     return "\n\n".join(parts)
+
+
+def window_starts(length: int, span: int, count: int, seed: int) -> list[int]:
+    """Starts of ``count`` windows of ``span`` tokens in a stream of ``length >= span`` tokens, drawn
+    with ``seed``: distinct aligned slots when the stream holds ``count`` of them, else any offsets."""
+    rng = random.Random(seed)
+    slots = length // span
+    if slots >= count:
+        return [s * span for s in rng.sample(range(slots), count)]
+    return [rng.randrange(length - span + 1) for _ in range(count)]

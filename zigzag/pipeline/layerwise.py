@@ -49,7 +49,7 @@ from zigzag.pipeline.hf import (
     run_model,
 )
 from zigzag.pipeline.inputs import Context, Keep
-from zigzag.pipeline.offload import Provisional, host_ready
+from zigzag.pipeline.offload import HostParking, Provisional, parked_sizes
 from zigzag.pipeline.plan import BudgetPlan
 from zigzag.pipeline.select import (
     build_layer,
@@ -107,6 +107,7 @@ class LayerwiseCompressor:
         self.cache = DynamicCache(config=model.config)
         self.rope = None  # the model's rotary embedding, bound to the keys' dtype by the first layer
         self.pending: dict[int, Provisional] = {}
+        self.parking: HostParking | None = None  # host memory of the pending layers (CUDA), opened by the first one
         self.nan_seen = torch.zeros((), dtype=torch.bool, device=ctx.input_ids.device)
         self.chunk: _Chunk | None = None
         self.bar = tqdm(total=self.num_layers, desc="prefill + compress", disable=not progress)
@@ -132,11 +133,15 @@ class LayerwiseCompressor:
         self.chunk = _Chunk(start, end, final, plan, capture)
         queries = [(query_projection(a), capture.hook(i)) for i, a in enumerate(self.attentions)]
         after = [(a, self._hook(i)) for i, a in enumerate(self.attentions)]
-        with forward_hooks(queries + after):
-            run_model(
-                self.model, self.cache, input_ids=ctx.input_ids[:, start:end], attention_mask=ctx.valid[:, :end].long(),
-                position_ids=ctx.positions[:, start:end], use_cache=True, logits_to_keep=1,
-            )  # fmt: skip
+        try:
+            with forward_hooks(queries + after):
+                run_model(
+                    self.model, self.cache, input_ids=ctx.input_ids[:, start:end], attention_mask=ctx.valid[:, :end].long(),
+                    position_ids=ctx.positions[:, start:end], use_cache=True, logits_to_keep=1,
+                )  # fmt: skip
+        except BaseException:
+            self.close()  # no finalize will come: the parked memory goes back now
+            raise
 
     def _hook(self, layer: int):
         def after_attention(module, args, output):
@@ -184,7 +189,9 @@ class LayerwiseCompressor:
             plan.record_lmba(mass, view.valid, folded=slots.per_head)
             ranked = rank_tokens(scores)
             columns = ranked if slots.columns is None else slots.columns.gather(2, ranked)
-            self.pending[layer] = Provisional.park(slots.keys, slots.values, columns, ranked, plan.avg_width)
+            if self.parking is None:  # every layer parks as many slots as the first (earlier chunks were uniform)
+                self.parking = HostParking.open(slots.keys.device, parked_sizes(slots.keys, plan.avg_width) * self.num_layers)
+            self.pending[layer] = Provisional.park(slots.keys, slots.values, columns, ranked, plan.avg_width, self.parking)
             # Nothing reads this layer again during the forward: hold no copy until the budgets are known.
             self.cache.layers[layer] = DynamicLayer()
         if chunk.final:
@@ -195,21 +202,32 @@ class LayerwiseCompressor:
     def finalize(self) -> ZigZagCache:
         self.bar.close()
         plan = self.chunk.plan
-        if not plan.known:
-            lmba = plan.measured_lmba()  # waits for the forward pass
-            # A named range, so that profiles (benchmarks/perf/profile.py) show what the budgets cost.
-            with torch.profiler.record_function(FINALIZE_RANGE):
-                plan.settle(lmba)
-                self.settle(plan)
+        try:
+            if not plan.known:
+                lmba = plan.measured_lmba()  # waits for the forward pass
+                # A named range, so that profiles (benchmarks/perf/profile.py) show what the budgets cost.
+                with torch.profiler.record_function(FINALIZE_RANGE):
+                    plan.settle(lmba)
+                    self.settle(plan)
+        finally:
+            self.close()  # after the settle's last fetch was enqueued: the fence follows it
         if bool(self.nan_seen):
             raise ValueError(nan_message(self.scorer))
         budgets, lmba = plan.report()
         return ZigZagCache(self.cache.layers, budgets=budgets, lmba=lmba)
 
+    def close(self) -> None:
+        """Give the parked layers' host memory back to the arena once every copy from or to it is
+        enqueued (the arena's fence keeps the next compression's copies behind them). Idempotent."""
+        if self.parking is not None:
+            self.parking.close()
+            self.parking = None
+
     def settle(self, plan: BudgetPlan) -> None:
         """Cut each provisional layer to its final budget."""
         device = self.ctx.input_ids.device
-        host_ready(device)
+        if self.parking is not None:
+            self.parking.ready()
         # Python numbers from two host reductions: per-layer tensor checks cost the host more than the work.
         per_layer = plan.budgets.transpose(0, 1).reshape(self.num_layers, -1)
         widths, least = per_layer.amax(dim=1).tolist(), per_layer.amin(dim=1).tolist()

@@ -396,15 +396,25 @@ def _launch_hooks_set() -> bool:
     return leave is not None and bool(getattr(leave, "calls", True))
 
 
+def _alignment(pointers: tuple) -> bool | tuple[bool, ...]:
+    """What Triton specialises a pointer on: whether it is 16-byte aligned. True when every pointer
+    is (one reduction, the common case); else each pointer's alignment. A masked decoding step has
+    one misaligned pointer at every step: its tail mask is a view one column into the model's mask
+    (:func:`zigzag.cache.attention.appended_mask`), one element past an aligned allocation."""
+    if functools.reduce(operator.or_, pointers) % 16 == 0:
+        return True
+    return tuple(p % 16 == 0 for p in pointers)
+
+
 def _launch_key(pointers: tuple, tensors: tuple, integers: tuple, flags: tuple) -> tuple | None:
     """A key at least as fine as what decides which compiled kernel Triton picks: the constexprs, the
-    dtypes, and the values of the integers Triton specialises on (it looks at their divisibility by
-    16 only); every pointer must be 16-byte aligned. None (launch through Triton) when a pointer is not
-    aligned or an integer does not fit in int32 (Triton would pick another specialisation).
+    dtypes, the values of the integers Triton specialises on (it looks at their divisibility by 16
+    only) and the pointers' 16-byte alignment (:func:`_alignment`). None (launch through Triton) when
+    an integer does not fit in int32 (Triton would pick another specialisation).
     ``pointers``: the tensors' ``data_ptr()``."""
-    if max(integers) >= _INT32 or min(integers) < 0 or functools.reduce(operator.or_, pointers) % 16:
+    if max(integers) >= _INT32 or min(integers) < 0:
         return None
-    return flags, tuple(map(_DTYPE, tensors)), _SPECIALISED_VALUES(integers)
+    return flags, tuple(map(_DTYPE, tensors)), _SPECIALISED_VALUES(integers), _alignment(pointers)
 
 
 def _runtime_args(tensors: tuple, integers: tuple, scale: float) -> tuple:

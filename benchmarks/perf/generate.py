@@ -20,7 +20,9 @@ every step; the differences of consecutive notes are the steps, the first ``--wa
 ``generate`` reads ``unfinished_sequences.max() == 0`` back to the host at every step (transformers
 5.17 and 5.25, ``StopCheck``; only on MPS does ``DeferredStopCheck`` read it a step late), so each
 difference is one whole step, host and GPU; where the installed transformers would defer that read,
-the processor synchronises itself (:func:`defers_stop_check`).
+the processor synchronises itself (:func:`defers_stop_check`). Without padding after the context,
+``generate`` passes attention no mask at all; ``--pad-continuation`` puts a masked padding token
+before the new one, so that every step passes one (the masked path of the caches).
 
 The ``--reps`` repetitions are interleaved (every budget once per round, the order rotated by one
 each round), so a drift of the machine weighs on all budgets alike. Per (length, batch, budget) one
@@ -179,20 +181,31 @@ def build_one_row(model, ids: torch.Tensor, budget: str, scorer: str, ratio: flo
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def continuation(context: torch.Tensor, batch: int) -> torch.Tensor:
-    """``(batch, T + 1)``: the one-row ``context (1, T)`` repeated, then one new token per row."""
-    new = torch.full((1, 1), 11, dtype=context.dtype, device=context.device)
-    return torch.cat([context, new], dim=-1).expand(batch, -1).contiguous()
+PAD = 0
+"""The padding token of ``--pad-continuation`` (and ``generate``'s ``pad_token_id``)."""
+
+
+def continuation(context: torch.Tensor, batch: int, padded: bool = False) -> dict[str, torch.Tensor]:
+    """``generate``'s ``input_ids`` and ``attention_mask``, ``(batch, T + 1)``: the one-row ``context
+    (1, T)`` repeated, then one new token per row. ``padded``: a masked padding token between the two
+    (``(batch, T + 2)``), so that every later step's mask over the appended tokens hides one and the
+    model passes attention a mask (without padding there it passes none)."""
+    new = torch.tensor([[PAD, 11] if padded else [11]], dtype=context.dtype, device=context.device)
+    ids = torch.cat([context, new], dim=-1).expand(batch, -1).contiguous()
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[:, -2] = 0
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 @torch.no_grad()
-def generate_ms(model, cache, ids: torch.Tensor, new_tokens: int, warmup: int, sync: bool) -> list[float]:
-    """ms of each step of ``model.generate`` continuing ``cache`` after ``ids (batch, T + 1)`` for
-    ``new_tokens`` tokens, the first ``warmup`` steps dropped. Appends ``new_tokens`` to ``cache``."""
+def generate_ms(model, cache, inputs: dict[str, torch.Tensor], new_tokens: int, warmup: int, sync: bool) -> list[float]:
+    """ms of each step of ``model.generate`` continuing ``cache`` after ``inputs`` (:func:`continuation`)
+    for ``new_tokens`` tokens, the first ``warmup`` steps dropped. Appends to ``cache``."""
     clock = StepClock(sync)
     model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([clock]), **cache_kwarg(model, cache),
+        **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD,
+        logits_processor=LogitsProcessorList([clock]), **cache_kwarg(model, cache),
     )  # fmt: skip
     return clock.step_ms(warmup)
 
@@ -225,15 +238,15 @@ def time_cell(
     """Interleaved rounds over the budgets of ``rows`` at ``batch``: each builds the budget's
     batch-sized cache, times one ``generate`` on it (and the loop), and frees it. One untimed short
     ``generate`` per budget first (kernels, allocator pools at this batch)."""
-    ids = continuation(context, batch)
-    length = context.shape[1]
+    inputs = continuation(context, batch, args.pad_continuation)
+    length = inputs["input_ids"].shape[1] - 1  # the cache's length once generate has fed the continuation
     sync = meter.cuda and defers_stop_check(model.device)
     out = {budget: Timings() for budget in rows}
 
     def once(budget: str, tokens: int, timings: Timings | None) -> None:
         cache = repeated(rows[budget].cache, batch)
         try:
-            ms = generate_ms(model, cache, ids, tokens, args.warmup if timings else 0, sync)
+            ms = generate_ms(model, cache, inputs, tokens, args.warmup if timings else 0, sync)
             if timings is not None:
                 timings.rounds.append(statistics.median(ms))
                 if args.with_loop:
@@ -258,14 +271,14 @@ READ = "aten::_local_scalar_dense"
 """The operator under every ``.item()`` / ``bool()`` of a tensor: a value read back to the host."""
 
 
-def diagnose(model, cache, ids: torch.Tensor, tokens: int, on_gpu: bool) -> dict:
+def diagnose(model, cache, inputs: dict[str, torch.Tensor], tokens: int, on_gpu: bool) -> dict:
     """GPU busy ms per step, values read back to the host per step and CUDA syncs per step of one
     profiled ``generate`` of ``tokens`` tokens (warm-up included: every forward counts as a step).
     On CUDA a read is one of the syncs; a sync without a read is a copy to the host or an explicit one."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
-        generate_ms(model, cache, ids, tokens, 0, False)
+        generate_ms(model, cache, inputs, tokens, 0, False)
         wall = time.perf_counter() - start
     found = summarize(prof.events(), wall, on_gpu)
     return {
@@ -277,16 +290,17 @@ def diagnose(model, cache, ids: torch.Tensor, tokens: int, on_gpu: bool) -> dict
 
 
 def diagnose_cell(
-    model, rows: dict[str, OneRow], context: torch.Tensor, batch: int, tokens: int, meter: Meter
+    model, rows: dict[str, OneRow], context: torch.Tensor, batch: int, tokens: int, padded: bool, meter: Meter
 ) -> dict[str, dict]:
     """:func:`diagnose` for every budget of ``rows`` at ``batch`` (after the timed rounds, so that the
-    profiler cannot slow them), each on a fresh batch-sized cache freed after."""
-    ids = continuation(context, batch)
+    profiler cannot slow them), each on a fresh batch-sized cache freed after; ``padded``: as
+    :func:`continuation`."""
+    inputs = continuation(context, batch, padded)
     out = {}
     for budget, row in rows.items():
         cache = repeated(row.cache, batch)
         try:
-            out[budget] = diagnose(model, cache, ids, tokens, meter.cuda)
+            out[budget] = diagnose(model, cache, inputs, tokens, meter.cuda)
         finally:
             del cache
             meter.free()
@@ -377,7 +391,9 @@ def run_length(model, length: int, args, meter: Meter, path: Path) -> list[dict]
         skipped = [skipped_row(length, batch, b, gone[b]) for b in args.budgets if b in gone]
         timings = time_cell(model, fit, context, batch, args, meter) if fit else {}
         diagnostics = (
-            diagnose_cell(model, fit, context, batch, args.profile_tokens, meter) if fit and args.profile_tokens else {}
+            diagnose_cell(model, fit, context, batch, args.profile_tokens, args.pad_continuation, meter)
+            if fit and args.profile_tokens
+            else {}
         )
         cell = cell_rows(length, batch, fit, timings, diagnostics) + skipped
         write_rows(path, cell)
@@ -445,6 +461,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions per cell")
     parser.add_argument(
         "--profile-tokens", type=int, default=8, help="tokens of the profiled call per budget and cell (0: none)"
+    )
+    parser.add_argument(
+        "--pad-continuation",
+        action="store_true",
+        help="a masked padding token before the new one: every step then passes attention a mask",
     )
     parser.add_argument(
         "--with-loop", action="store_true", help="also time benchmarks.perf's own decoding loop in each round"

@@ -42,17 +42,32 @@ def _stored(cache) -> list[torch.Tensor]:
 
 def test_repeated_copies_decode_while_the_one_row_caches_stay_as_they_were(tiny, one_thread):
     model, context, caches = tiny
-    ids = bench.continuation(context, 2)
-    assert ids.shape == (2, 65) and torch.equal(ids[1, :64], context[0])
+    inputs = bench.continuation(context, 2)
+    ids = inputs["input_ids"]
+    assert ids.shape == (2, 65) and torch.equal(ids[1, :64], context[0]) and bool(inputs["attention_mask"].all())
     for budget, cache in caches.items():
         before = _stored(cache)
         copy = bench.repeated(cache, 2)
-        steps = bench.generate_ms(model, copy, ids, new_tokens=5, warmup=1, sync=False)
+        steps = bench.generate_ms(model, copy, inputs, new_tokens=5, warmup=1, sync=False)
         assert len(steps) == 5 - 1 - 1 and all(ms > 0 for ms in steps)  # 5 stamps, 4 steps, 1 dropped
         assert copy.get_seq_length() == 64 + 5 and copy.layers[0].keys.shape[0] == 2
         assert cache.get_seq_length() == 64, budget
         for old, now in zip(before, _stored(cache)):
             assert torch.equal(old, now), budget
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_gets_a_mask_at_every_step_only_after_padding(tiny, monkeypatch, one_thread, padded):
+    model, context, caches = tiny
+    masks = []
+    real = VarlenLayer.attend
+    spy = lambda self, query, keys, values, mask, *args: masks.append(mask) or real(self, query, keys, values, mask, *args)
+    monkeypatch.setattr(VarlenLayer, "attend", spy)
+    inputs = bench.continuation(context, 2, padded)
+    assert inputs["input_ids"].shape == (2, 66 if padded else 65)
+    bench.generate_ms(model, bench.repeated(caches["adakv"], 2), inputs, new_tokens=3, warmup=0, sync=False)
+    assert len(masks) == 3 * len(caches["adakv"].layers)  # every layer of every forward
+    assert all((mask is not None) == padded for mask in masks)
 
 
 def test_bytes_needed_covers_the_repeated_cache_after_generating(tiny, one_thread):

@@ -41,3 +41,11 @@ def test_use_it_example_prints_what_the_readme_shows():
         exec(_block_after("## Use it"), {})  # noqa: S102 (the README's own code)
     shown = _block_after("It prints:", "text").strip()
     assert out.getvalue().strip() == shown
+
+
+def test_static_decoding_example_runs():
+    model = tiny_llama(layers=2)
+    ctx = {"input_ids": torch.randint(0, 128, (2, 40)), "attention_mask": torch.ones(2, 40, dtype=torch.long)}
+    namespace = {"model": model, "ctx": ctx, "question_ids": torch.randint(0, 128, (2, 5))}
+    exec(_block_after("## Fast decoding: a static cache and CUDA graphs"), namespace)  # noqa: S102 (the README's own code)
+    assert namespace["tokens"].shape == (2, 200)

@@ -85,6 +85,8 @@ class _Chunk:
     final: bool
     plan: BudgetPlan
     capture: QueryCapture
+    mean_budget: torch.Tensor  # (batch,) long, plan.avg_budget on the device, for every layer's view
+    avg_width: int  # plan.avg_width: slots a provisional layer keeps on the device
     rope: WindowRope | None = None  # of the window's positions, computed by the first layer that needs it
 
 
@@ -130,7 +132,9 @@ class LayerwiseCompressor:
             window=min(self.window_wanted, end - start), stats_skip=self.stats_skip, heads=self.heads,
             head_dim=self.head_dim, valid=ctx.valid[:, start:end], padded=ctx.padded,
         )  # fmt: skip
-        self.chunk = _Chunk(start, end, final, plan, capture)
+        # Copied here, not in each layer: a blocking host-to-device copy waits for the stream to drain.
+        mean_budget = plan.avg_budget.to(ctx.input_ids.device)
+        self.chunk = _Chunk(start, end, final, plan, capture, mean_budget, plan.avg_width)
         queries = [(query_projection(a), capture.hook(i)) for i, a in enumerate(self.attentions)]
         after = [(a, self._hook(i)) for i, a in enumerate(self.attentions)]
         try:
@@ -172,7 +176,7 @@ class LayerwiseCompressor:
         view = layer_view(
             self.scorer, slots, queries, ctx.positions, scaling=scaling, layer_idx=layer, num_layers=self.num_layers,
             rope=self.rope, output_weight=output_projection(self.attentions[layer]).weight,
-            mean_budget=chunk.plan.avg_budget.to(slots.keys.device),
+            mean_budget=chunk.mean_budget,
         )  # fmt: skip
         scores = score_layer(self.scorer, view, self.nan_seen).reshape(*slots.keys.shape[:3])
         plan = chunk.plan
@@ -186,12 +190,13 @@ class LayerwiseCompressor:
         else:
             window = queries.last(plan.window)
             mass = window_mass(fold_heads(window, self.kv_heads) if slots.per_head else window, view.keys, view.valid, scaling, view.padded)
-            plan.record_lmba(mass, view.valid, folded=slots.per_head)
+            # Without padding the mask is all True: measure skips a masked copy of the mass (the same LMBA).
+            plan.record_lmba(mass, view.valid if view.padded else None, folded=slots.per_head)
             ranked = rank_tokens(scores)
             columns = ranked if slots.columns is None else slots.columns.gather(2, ranked)
             if self.parking is None:  # every layer parks as many slots as the first (earlier chunks were uniform)
-                self.parking = HostParking.open(slots.keys.device, parked_sizes(slots.keys, plan.avg_width) * self.num_layers)
-            self.pending[layer] = Provisional.park(slots.keys, slots.values, columns, ranked, plan.avg_width, self.parking)
+                self.parking = HostParking.open(slots.keys.device, parked_sizes(slots.keys, chunk.avg_width) * self.num_layers)
+            self.pending[layer] = Provisional.park(slots.keys, slots.values, columns, ranked, chunk.avg_width, self.parking)
             # Nothing reads this layer again during the forward: hold no copy until the budgets are known.
             self.cache.layers[layer] = DynamicLayer()
         if chunk.final:
@@ -205,16 +210,23 @@ class LayerwiseCompressor:
         try:
             if not plan.known:
                 lmba = plan.measured_lmba()  # waits for the forward pass
+                # Every layer is scored: read the NaN flag now, while the accelerator is idle anyway,
+                # rather than with a second wait after the settle.
+                self._check_nan()
                 # A named range, so that profiles (benchmarks/perf/profile.py) show what the budgets cost.
                 with torch.profiler.record_function(FINALIZE_RANGE):
                     plan.settle(lmba)
                     self.settle(plan)
+            else:
+                self._check_nan()
         finally:
             self.close()  # after the settle's last fetch was enqueued: the fence follows it
-        if bool(self.nan_seen):
-            raise ValueError(nan_message(self.scorer))
         budgets, lmba = plan.report()
         return ZigZagCache(self.cache.layers, budgets=budgets, lmba=lmba)
+
+    def _check_nan(self) -> None:
+        if bool(self.nan_seen):
+            raise ValueError(nan_message(self.scorer))
 
     def close(self) -> None:
         """Give the parked layers' host memory back to the arena once every copy from or to it is

@@ -240,20 +240,24 @@ class HostParking:
         lease.reserve(sizes)
         return cls(device, lease)
 
-    def to_host(self, t: torch.Tensor) -> torch.Tensor:
-        """A host copy of ``t`` (contiguous, on this device) carved from the lease; on CUDA only started."""
-        if t.device != self.device:
-            raise ValueError(f"HostParking of {self.device} got a tensor on {t.device}")
-        host = self.lease.carve(t.shape, t.dtype)
+    def to_host(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Host copies of ``tensors`` (contiguous, on this device) carved from the lease; on CUDA only
+        started, all behind one wait for the work that made them."""
+        for t in tensors:
+            if t.device != self.device:
+                raise ValueError(f"HostParking of {self.device} got a tensor on {t.device}")
+        hosts = [self.lease.carve(t.shape, t.dtype) for t in tensors]
         if self.stream is None:
-            return host.copy_(t)
+            return [host.copy_(t) for host, t in zip(hosts, tensors)]
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         for fence in self.lease.take_fences():
             self.stream.wait_event(fence)  # the previous lease's reads of this memory come first
         with torch.cuda.stream(self.stream):
-            host.copy_(t, non_blocking=True)
-        t.record_stream(self.stream)  # keep t's memory from being reused before the copy has read it
-        return host
+            for host, t in zip(hosts, tensors):
+                host.copy_(t, non_blocking=True)
+        for t in tensors:
+            t.record_stream(self.stream)  # keep t's memory from being reused before the copy has read it
+        return hosts
 
     def ready(self) -> None:
         """Make the current stream wait for every copy started so far (on the accelerator, not the host)."""
@@ -322,15 +326,15 @@ class Provisional:
             host: where the rest goes (:class:`HostParking`); None: it stays on the device.
         """
         top_keys, top_values, rest_keys, rest_values = gather_split(keys, values, ranked, width)
-        rest_positions = columns[..., width:].permute(2, 0, 1).contiguous()
-        move = (lambda t: t) if host is None else host.to_host
+        rest = (columns[..., width:].permute(2, 0, 1).contiguous(), rest_keys, rest_values)
+        rest_positions, rest_keys, rest_values = rest if host is None else host.to_host(*rest)
         return cls(
             top_positions=columns[..., :width],
             top_keys=top_keys,
             top_values=top_values,
-            rest_positions=move(rest_positions),
-            rest_keys=move(rest_keys),
-            rest_values=move(rest_values),
+            rest_positions=rest_positions,
+            rest_keys=rest_keys,
+            rest_values=rest_values,
         )
 
     def best_positions(self, count: int, device: torch.device) -> torch.Tensor:

@@ -109,7 +109,7 @@ class LayerwiseCompressor:
         self.cache = DynamicCache(config=model.config)
         self.rope = None  # the model's rotary embedding, bound to the keys' dtype by the first layer
         self.pending: dict[int, Provisional] = {}
-        self.parking: HostParking | None = None  # host memory of the pending layers (CUDA), opened by the first one
+        self.parking: HostParking | None = None  # the pending layers' host memory (CUDA), opened by the first to park
         self.nan_seen = torch.zeros((), dtype=torch.bool, device=ctx.input_ids.device)
         self.chunk: _Chunk | None = None
         self.bar = tqdm(total=self.num_layers, desc="prefill + compress", disable=not progress)
@@ -194,7 +194,7 @@ class LayerwiseCompressor:
             plan.record_lmba(mass, view.valid if view.padded else None, folded=slots.per_head)
             ranked = rank_tokens(scores)
             columns = ranked if slots.columns is None else slots.columns.gather(2, ranked)
-            if self.parking is None:  # every layer parks as many slots as the first (earlier chunks were uniform)
+            if not self.pending:  # the first to park: every layer parks as many slots (earlier chunks were uniform)
                 self.parking = HostParking.open(slots.keys.device, parked_sizes(slots.keys, chunk.avg_width) * self.num_layers)
             self.pending[layer] = Provisional.park(slots.keys, slots.values, columns, ranked, chunk.avg_width, self.parking)
             # Nothing reads this layer again during the forward: hold no copy until the budgets are known.

@@ -118,9 +118,10 @@ def rotated(items: list, turn: int) -> list:
 
 def pinned_blocks() -> int | None:
     """Pinned host blocks torch's allocator has created so far (None without CUDA)."""
-    if not torch.cuda.is_available():
-        return None
-    return int(torch.cuda.host_memory_stats().get("num_host_alloc", 0))
+    if not torch.cuda.is_available() or not hasattr(torch.cuda, "host_memory_stats"):
+        return None  # no CUDA, or a torch without pinned-memory statistics
+    stats = torch.cuda.host_memory_stats()
+    return int(stats.get("num_host_alloc", stats.get("allocations.allocated", 0)))  # the second: older torch
 
 
 def timed(fn: Callable[[], object], cuda: bool) -> dict:

@@ -110,15 +110,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--length", type=int, default=32768, help="context tokens")
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of the cache removed")
-    parser.add_argument("--scorer", default="snapkv")
+    parser.add_argument("--scorer", default="snapkv", help="scorer of every compressed cache")
     parser.add_argument("--budgets", default="uniform,zigzag,adakv", help="compressed caches timed")
     parser.add_argument("--compile-budgets", default="zigzag", help="budgets also timed with the step compiled ('' for none)")
-    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--batches", default="1,16", help="decode batches: the one-row caches repeated (comma list)")
     parser.add_argument("--steps", type=int, default=64, help="steps per timed window")
     parser.add_argument("--reps", type=int, default=3, help="timed windows per method")
     parser.add_argument("--no-hf-compile", action="store_true", help="skip transformers' static cache + torch.compile")
     parser.add_argument("--tiny", action="store_true", help="toy model on the CPU: checks the script, measures nothing")
-    parser.add_argument("--out", default="results/static-decode")
+    parser.add_argument("--out", default="results/static-decode", help="output folder (static_decode.jsonl)")
     args = parser.parse_args(argv)
 
     device = "cpu" if args.tiny else "cuda"
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(row), flush=True)
 
     def measure(method: str, budget: str, batch: int, need: int, build: Callable[[], tuple[Callable[[int], None], int]]) -> None:
+        meter.free()  # the last method's cache goes first, or it would count against this one
         why = fits(need, device)
         if why is not None:
             record({"method": method, "budget": budget, "batch": batch, "skipped": why})
